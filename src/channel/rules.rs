@@ -1,0 +1,202 @@
+//! The acceptance rules of DESIGN.md section 2, as a pure state machine on an open channel.
+
+use alloy::primitives::{Address, B256, Signature};
+
+use super::error::ChannelError;
+use super::signature::PayerKeys;
+use super::state::{ChannelDomain, ChannelState};
+
+/// A channel state with the payer's signature over it: a voucher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedState {
+    /// The signed fields.
+    pub state: ChannelState,
+    /// The payer's signature, already parsed (low-s, scalars in range).
+    pub signature: Signature,
+}
+
+/// What the contract says about a channel, read through the chain boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// The channel id.
+    pub id: B256,
+    /// Who deposited and signs states.
+    pub payer: Address,
+    /// Who is paid.
+    pub payee: Address,
+    /// ERC-20 token, or the zero address for native ETH.
+    pub token: Address,
+    /// Total deposited, top-ups included (claims do not lower it).
+    pub deposit: u128,
+    /// Total already paid to the payee on-chain.
+    pub claimed: u128,
+    /// Nonce of the last state claimed on-chain (0 if none).
+    pub claimed_nonce: u64,
+    /// The payer asked to withdraw: the channel is closing and takes no new credit.
+    pub withdraw_requested: bool,
+    /// The channel was withdrawn or closed cooperatively (or never opened).
+    pub closed: bool,
+}
+
+/// The last state the engine accepted for a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptedState {
+    /// Its nonce; the next state must have a greater one.
+    pub nonce: u64,
+    /// What the payer has authorized so far; the next state may not be lower.
+    pub cumulative: u128,
+    /// The payer's signature, kept to settle with. `None` when the state comes from the
+    /// chain's claimed values and no voucher has been accepted since.
+    pub signature: Option<Signature>,
+}
+
+/// An open channel, for this server's payee and token, and the last state accepted on it.
+///
+/// [`OpenChannel::accept`] is the only way the accepted state moves, and it moves only forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenChannel {
+    domain: ChannelDomain,
+    info: ChannelInfo,
+    accepted: AcceptedState,
+}
+
+impl OpenChannel {
+    /// Checks that the chain's view of the channel lets this server take vouchers on it: open,
+    /// not closing, for `payee` and `token`. Starts from the on-chain claimed state.
+    pub fn open(
+        domain: ChannelDomain,
+        info: ChannelInfo,
+        payee: Address,
+        token: Address,
+    ) -> Result<Self, ChannelError> {
+        if info.closed {
+            return Err(ChannelError::ChannelNotOpen {
+                channel_id: info.id,
+                reason: "closed",
+            });
+        }
+        if info.withdraw_requested {
+            return Err(ChannelError::ChannelNotOpen {
+                channel_id: info.id,
+                reason: "withdrawal requested",
+            });
+        }
+        if info.payee != payee {
+            return Err(ChannelError::WrongPayee {
+                got: info.payee,
+                expected: payee,
+            });
+        }
+        if info.token != token {
+            return Err(ChannelError::WrongToken {
+                got: info.token,
+                expected: token,
+            });
+        }
+        let accepted = AcceptedState {
+            nonce: info.claimed_nonce,
+            cumulative: info.claimed,
+            signature: None,
+        };
+        Ok(Self {
+            domain,
+            info,
+            accepted,
+        })
+    }
+
+    /// Restores the state a store had accepted. It must not be behind the chain's claimed
+    /// state (that would let an old voucher be re-accepted).
+    pub fn restore(mut self, stored: AcceptedState) -> Result<Self, ChannelError> {
+        if stored.nonce < self.accepted.nonce {
+            return Err(ChannelError::StaleNonce {
+                got: stored.nonce,
+                current: self.accepted.nonce,
+            });
+        }
+        if stored.cumulative < self.accepted.cumulative {
+            return Err(ChannelError::CumulativeDecreased {
+                got: stored.cumulative,
+                current: self.accepted.cumulative,
+            });
+        }
+        self.accepted = stored;
+        Ok(self)
+    }
+
+    /// The channel as read from the chain.
+    pub fn info(&self) -> &ChannelInfo {
+        &self.info
+    }
+
+    /// The signing domain vouchers must use.
+    pub fn domain(&self) -> &ChannelDomain {
+        &self.domain
+    }
+
+    /// The last accepted state.
+    pub fn accepted(&self) -> &AcceptedState {
+        &self.accepted
+    }
+
+    /// The channel's deposit.
+    pub fn deposit(&self) -> u128 {
+        self.info.deposit
+    }
+
+    /// Records a top-up seen on-chain. A deposit never shrinks while a channel is open, so a
+    /// lower value (a stale read) is ignored.
+    pub fn raise_deposit(&mut self, deposit: u128) {
+        self.info.deposit = self.info.deposit.max(deposit);
+    }
+
+    /// Checks a voucher against every rule without changing anything, returning its digest.
+    ///
+    /// The cheap field checks run before the signature check, so garbage costs no ECDSA.
+    pub fn check(&self, voucher: &SignedState, keys: &mut PayerKeys) -> Result<B256, ChannelError> {
+        let state = &voucher.state;
+        if state.channelId != self.info.id {
+            return Err(ChannelError::WrongChannel {
+                got: state.channelId,
+                expected: self.info.id,
+            });
+        }
+        if state.nonce <= self.accepted.nonce {
+            return Err(ChannelError::StaleNonce {
+                got: state.nonce,
+                current: self.accepted.nonce,
+            });
+        }
+        if state.cumulative < self.accepted.cumulative {
+            return Err(ChannelError::CumulativeDecreased {
+                got: state.cumulative,
+                current: self.accepted.cumulative,
+            });
+        }
+        if state.cumulative > self.info.deposit {
+            return Err(ChannelError::ExceedsDeposit {
+                got: state.cumulative,
+                deposit: self.info.deposit,
+            });
+        }
+        let digest = self.domain.state_digest(state);
+        keys.verify(self.info.payer, &digest, &voucher.signature)?;
+        Ok(digest)
+    }
+
+    /// Accepts a voucher if every rule holds; on error nothing changes and the last accepted
+    /// state stays in force.
+    pub fn accept(
+        &mut self,
+        voucher: &SignedState,
+        keys: &mut PayerKeys,
+    ) -> Result<&AcceptedState, ChannelError> {
+        self.check(voucher, keys)?;
+        self.accepted = AcceptedState {
+            nonce: voucher.state.nonce,
+            cumulative: voucher.state.cumulative,
+            signature: Some(voucher.signature),
+        };
+        Ok(&self.accepted)
+    }
+}

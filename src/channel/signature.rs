@@ -1,0 +1,315 @@
+//! Signing and checking channel-state signatures.
+//!
+//! Three rules make a signature acceptable here, and each is what the contract's `ecrecover`
+//! path will also accept, so the engine never holds a voucher it cannot redeem:
+//! - `r` and `s` are in `[1, n)`, and `s <= n/2` (low-s: the high-s twin is refused, EIP-2);
+//! - the parity `v` is the one that recovers the payer (a flipped `v` verifies under plain ECDSA
+//!   but recovers someone else on-chain, so it is checked too);
+//! - the point `R = u1*G + u2*Q` has `x(R) == r` exactly (no `x`-reduced twin, which
+//!   `ecrecover` cannot express).
+//!
+//! The payer is known once the channel is read, so [`PayerKeys::verify`] checks against the
+//! payer's public key, recovered once and cached, instead of recovering a key from every
+//! voucher: a verification skips the square root and the keccak that recovery needs.
+
+use alloy::primitives::{Address, B256, Signature, U256};
+use k256::ecdsa::{SigningKey, VerifyingKey};
+use k256::elliptic_curve::PrimeField;
+use k256::elliptic_curve::ops::{LinearCombination, Reduce};
+use k256::elliptic_curve::point::AffineCoordinates;
+use k256::{AffinePoint, ProjectivePoint, Scalar};
+use lru::LruCache;
+use std::num::NonZeroUsize;
+
+/// Why a signature was refused. Every variant maps to the protocol code `invalid_signature`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// Not 65 bytes (`r || s || v`) or 64 bytes (EIP-2098 `r || vs`).
+    #[error("signature must be 65 bytes (r, s, v) or 64 bytes (EIP-2098), got {len}")]
+    BadLength {
+        /// The length received.
+        len: usize,
+    },
+    /// `v` is not 27, 28, 0 or 1.
+    #[error("signature v must be 27 or 28 (or 0 or 1), got {v}")]
+    BadV {
+        /// The byte received.
+        v: u8,
+    },
+    /// `r` or `s` is zero or not below the curve order.
+    #[error("signature scalar out of range")]
+    ScalarOutOfRange,
+    /// `s` is in the upper half of the curve order: the malleable twin of a valid signature.
+    #[error("signature has high s; sign with low-s (EIP-2) normalization")]
+    HighS,
+    /// The signature is well formed but was not made by the expected key over this digest.
+    #[error("signature does not match the expected signer {expected}")]
+    WrongSigner {
+        /// Who should have signed.
+        expected: Address,
+    },
+    /// No public key can be recovered from the signature over this digest.
+    #[error("no public key recovers from this signature")]
+    Unrecoverable,
+}
+
+/// The curve order's half, the bound for low-s.
+const HALF_ORDER: U256 = U256::from_limbs([
+    0xdfe92f46681b20a0,
+    0x5d576e7357a4501d,
+    0xffffffffffffffff,
+    0x7fffffffffffffff,
+]);
+
+/// Parses a wire signature: 65 bytes `r || s || v` (v in {27, 28, 0, 1}) or the 64-byte
+/// EIP-2098 compact form `r || vs`. Refuses high-s and out-of-range scalars.
+pub fn parse_signature(bytes: &[u8]) -> Result<Signature, SignatureError> {
+    let sig = match bytes.len() {
+        65 => {
+            let parity = match bytes[64] {
+                27 | 0 => false,
+                28 | 1 => true,
+                v => return Err(SignatureError::BadV { v }),
+            };
+            Signature::from_bytes_and_parity(&bytes[..64], parity)
+        }
+        64 => Signature::from_erc2098(bytes),
+        len => return Err(SignatureError::BadLength { len }),
+    };
+    check_scalars(&sig)?;
+    Ok(sig)
+}
+
+/// `r` and `s` in `[1, n)` and `s <= n/2`.
+fn check_scalars(sig: &Signature) -> Result<(Scalar, Scalar), SignatureError> {
+    let r = scalar_from(sig.r()).ok_or(SignatureError::ScalarOutOfRange)?;
+    let s = scalar_from(sig.s()).ok_or(SignatureError::ScalarOutOfRange)?;
+    if sig.s() > HALF_ORDER {
+        return Err(SignatureError::HighS);
+    }
+    Ok((r, s))
+}
+
+/// A non-zero scalar below the curve order, or `None`.
+fn scalar_from(value: U256) -> Option<Scalar> {
+    let scalar: Option<Scalar> = Scalar::from_repr(value.to_be_bytes::<32>().into()).into();
+    scalar.filter(|s| !bool::from(s.is_zero()))
+}
+
+/// The 65-byte wire form `r || s || v` with `v` in {27, 28}.
+pub fn to_bytes(sig: &Signature) -> [u8; 65] {
+    sig.as_bytes()
+}
+
+/// The EIP-2098 compact form `(r, vs)` the contract takes.
+pub fn to_compact(sig: &Signature) -> (B256, B256) {
+    let compact = sig.as_erc2098();
+    (
+        B256::from_slice(&compact[..32]),
+        B256::from_slice(&compact[32..]),
+    )
+}
+
+/// Signs a digest with RFC 6979 deterministic nonces, normalized to low-s.
+pub fn sign_digest(key: &SigningKey, digest: &B256) -> Signature {
+    let (sig, recid) = key
+        .sign_prehash_recoverable(digest.as_slice())
+        .expect("a 32-byte prehash is always accepted by k256");
+    Signature::from_signature_and_parity(sig, recid.is_y_odd())
+}
+
+/// The Ethereum address of a public key.
+pub fn address_of(key: &VerifyingKey) -> Address {
+    Address::from_public_key(key)
+}
+
+/// Recovers the signer's address, refusing high-s and malformed scalars. Slower than
+/// [`verify_with_key`]; used the first time a payer is seen and by the `state verify` command.
+pub fn recover_address(digest: &B256, sig: &Signature) -> Result<Address, SignatureError> {
+    recover_key(digest, sig).map(|key| address_of(&key))
+}
+
+/// Recovers the signer's public key, refusing high-s and malformed scalars.
+pub fn recover_key(digest: &B256, sig: &Signature) -> Result<VerifyingKey, SignatureError> {
+    check_scalars(sig)?;
+    sig.recover_from_prehash(digest)
+        .map_err(|_| SignatureError::Unrecoverable)
+}
+
+/// Checks `sig` over `digest` against a known public key, including the parity `v`, with the
+/// acceptance rules of the module docs. Returns `false` for any mismatch.
+pub fn verify_with_key(key: &AffinePoint, digest: &B256, sig: &Signature) -> bool {
+    let Ok((r, s)) = check_scalars(sig) else {
+        return false;
+    };
+    let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&digest.0.into());
+    // s is non-zero, so it is invertible.
+    let w: Scalar = Option::from(s.invert()).unwrap_or(Scalar::ZERO);
+    let point = ProjectivePoint::lincomb(
+        &ProjectivePoint::GENERATOR,
+        &(z * w),
+        &ProjectivePoint::from(*key),
+        &(r * w),
+    )
+    .to_affine();
+    // The identity's x is zero and r is not, so the identity never passes.
+    point.x()[..] == sig.r().to_be_bytes::<32>()[..] && bool::from(point.y_is_odd()) == sig.v()
+}
+
+/// The payers' public keys, recovered once each and kept in an LRU cache keyed by payer.
+///
+/// This is the one function that decides whether a voucher's signature is the payer's;
+/// speeding it up (precomputed tables per key, batch checks) stays a change to this type.
+pub struct PayerKeys {
+    keys: LruCache<Address, AffinePoint>,
+}
+
+impl std::fmt::Debug for PayerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayerKeys")
+            .field("cached", &self.keys.len())
+            .field("capacity", &self.keys.cap())
+            .finish()
+    }
+}
+
+impl Default for PayerKeys {
+    fn default() -> Self {
+        Self::new(crate::config::ChannelConfig::default().payer_key_cache_entries)
+    }
+}
+
+impl PayerKeys {
+    /// An empty cache holding up to `capacity` keys.
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            keys: LruCache::new(capacity),
+        }
+    }
+
+    /// Checks that `payer` signed `digest`. On a cache miss the key is recovered from this
+    /// signature and kept only if it belongs to `payer`.
+    pub fn verify(
+        &mut self,
+        payer: Address,
+        digest: &B256,
+        sig: &Signature,
+    ) -> Result<(), SignatureError> {
+        if let Some(key) = self.keys.get(&payer) {
+            check_scalars(sig)?;
+            return if verify_with_key(key, digest, sig) {
+                Ok(())
+            } else {
+                Err(SignatureError::WrongSigner { expected: payer })
+            };
+        }
+        let key = recover_key(digest, sig)?;
+        if address_of(&key) != payer {
+            return Err(SignatureError::WrongSigner { expected: payer });
+        }
+        self.keys.put(payer, *key.as_affine());
+        Ok(())
+    }
+
+    /// Whether `payer`'s key is cached (for tests and metrics).
+    pub fn contains(&self, payer: &Address) -> bool {
+        self.keys.contains(payer)
+    }
+
+    /// Number of cached keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is cached.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(byte: u8) -> SigningKey {
+        SigningKey::from_bytes(&[byte; 32].into()).unwrap()
+    }
+
+    #[test]
+    fn half_order_is_n_over_two() {
+        // -1 is n - 1, the largest scalar; floor(n / 2) = (n - 1) / 2 since n is odd.
+        let n_minus_one = U256::from_be_bytes::<32>((-Scalar::ONE).to_repr().into());
+        assert_eq!(HALF_ORDER, n_minus_one >> 1);
+    }
+
+    #[test]
+    fn sign_then_verify_and_recover() {
+        let signer = key(7);
+        let digest = B256::repeat_byte(0x42);
+        let sig = sign_digest(&signer, &digest);
+        assert!(sig.s() <= HALF_ORDER);
+        let vk = *signer.verifying_key();
+        assert!(verify_with_key(vk.as_affine(), &digest, &sig));
+        assert_eq!(recover_address(&digest, &sig).unwrap(), address_of(&vk));
+        // Flipped parity verifies under plain ECDSA but must fail here.
+        assert!(!verify_with_key(
+            vk.as_affine(),
+            &digest,
+            &sig.with_parity(!sig.v())
+        ));
+        // Another digest fails.
+        assert!(!verify_with_key(
+            vk.as_affine(),
+            &B256::repeat_byte(1),
+            &sig
+        ));
+    }
+
+    #[test]
+    fn parse_forms_and_rejections() {
+        let digest = B256::repeat_byte(9);
+        let sig = sign_digest(&key(3), &digest);
+        let bytes = to_bytes(&sig);
+        assert_eq!(parse_signature(&bytes).unwrap(), sig);
+        let (r, vs) = to_compact(&sig);
+        let compact = [r.as_slice(), vs.as_slice()].concat();
+        assert_eq!(parse_signature(&compact).unwrap(), sig);
+        let mut zero_v = bytes;
+        zero_v[64] -= 27;
+        assert_eq!(parse_signature(&zero_v).unwrap(), sig);
+        let mut bad_v = bytes;
+        bad_v[64] = 29;
+        assert_eq!(parse_signature(&bad_v), Err(SignatureError::BadV { v: 29 }));
+        assert_eq!(
+            parse_signature(&bytes[..10]),
+            Err(SignatureError::BadLength { len: 10 })
+        );
+        assert_eq!(
+            parse_signature(&[0u8; 65][..64]),
+            Err(SignatureError::ScalarOutOfRange)
+        );
+    }
+
+    #[test]
+    fn payer_keys_cache_only_the_right_payer() {
+        let payer = key(5);
+        let other = key(6);
+        let payer_addr = address_of(payer.verifying_key());
+        let digest = B256::repeat_byte(3);
+        let mut keys = PayerKeys::new(NonZeroUsize::new(2).unwrap());
+        let forged = sign_digest(&other, &digest);
+        assert_eq!(
+            keys.verify(payer_addr, &digest, &forged),
+            Err(SignatureError::WrongSigner {
+                expected: payer_addr
+            })
+        );
+        assert!(keys.is_empty());
+        let good = sign_digest(&payer, &digest);
+        keys.verify(payer_addr, &digest, &good).unwrap();
+        assert!(keys.contains(&payer_addr));
+        // Cached path: the forged one still fails, the good one passes.
+        assert!(keys.verify(payer_addr, &digest, &forged).is_err());
+        keys.verify(payer_addr, &digest, &good).unwrap();
+    }
+}

@@ -1,0 +1,3 @@
+//! The binary's subcommands. Each prints one JSON object on standard output.
+
+pub mod state;
