@@ -17,7 +17,10 @@ fn paystream(args: &[&str], key: Option<&str>) -> Output {
 
 fn json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("stdout is one JSON object ({e}): {}", String::from_utf8_lossy(&output.stdout))
+        panic!(
+            "stdout is one JSON object ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
     })
 }
 
@@ -54,7 +57,10 @@ fn digest_matches_the_vectors() {
         let out = run("digest", &case, &[], None);
         assert!(out.status.success());
         let v = json(&out);
-        assert_eq!(lower(&v["domainSeparator"]), case.domain_separator.to_string());
+        assert_eq!(
+            lower(&v["domainSeparator"]),
+            case.domain_separator.to_string()
+        );
         assert_eq!(lower(&v["structHash"]), case.struct_hash.to_string());
         assert_eq!(lower(&v["digest"]), case.digest.to_string());
     }
@@ -65,23 +71,42 @@ fn sign_then_verify_round_trips() {
     let case = &load().cases[2];
     let key = case.private_key.to_string();
     let signed = run("sign", case, &[], Some(&key));
-    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
     let signed = json(&signed);
     let sig = signed["signature"].as_str().unwrap();
-    assert_eq!(sig, case.signature.to_string(), "RFC 6979 reproduces the vector");
-    assert_eq!(lower(&signed["payer"]), case.payer.to_string().to_lowercase());
+    assert_eq!(
+        sig,
+        case.signature.to_string(),
+        "RFC 6979 reproduces the vector"
+    );
+    assert_eq!(
+        lower(&signed["payer"]),
+        case.payer.to_string().to_lowercase()
+    );
     assert_eq!(lower(&signed["compact"]["vs"]), case.compact.vs.to_string());
 
     let verified = run("verify", case, &["--signature", sig], None);
     assert!(verified.status.success());
     let verified = json(&verified);
     assert_eq!(verified["valid"], true);
-    assert_eq!(lower(&verified["payer"]), case.payer.to_string().to_lowercase());
+    assert_eq!(
+        lower(&verified["payer"]),
+        case.payer.to_string().to_lowercase()
+    );
 
     // The compact form verifies too, against the known payer.
     let compact = format!("{}{}", case.compact.r, &case.compact.vs.to_string()[2..]);
     let payer = case.payer.to_string();
-    let out = run("verify", case, &["--signature", &compact, "--payer", &payer], None);
+    let out = run(
+        "verify",
+        case,
+        &["--signature", &compact, "--payer", &payer],
+        None,
+    );
     assert!(out.status.success());
 }
 
@@ -91,7 +116,10 @@ fn verify_prints_each_vectors_payer() {
         let sig = case.signature.to_string();
         let out = run("verify", &case, &["--signature", &sig], None);
         assert!(out.status.success());
-        assert_eq!(lower(&json(&out)["payer"]), case.payer.to_string().to_lowercase());
+        assert_eq!(
+            lower(&json(&out)["payer"]),
+            case.payer.to_string().to_lowercase()
+        );
     }
 }
 
@@ -109,7 +137,12 @@ fn verify_fails_loudly_on_bad_signatures() {
     // The right signature checked against another payer.
     let sig = case.signature.to_string();
     let other = case.payee.to_string();
-    let out = run("verify", case, &["--signature", &sig, "--payer", &other], None);
+    let out = run(
+        "verify",
+        case,
+        &["--signature", &sig, "--payer", &other],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
 
@@ -117,7 +150,12 @@ fn verify_fails_loudly_on_bad_signatures() {
     let mut tampered = case.clone();
     tampered.nonce -= 1;
     let payer = case.payer.to_string();
-    let out = run("verify", &tampered, &["--signature", &sig, "--payer", &payer], None);
+    let out = run(
+        "verify",
+        &tampered,
+        &["--signature", &sig, "--payer", &payer],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
 }
 
