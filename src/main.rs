@@ -19,6 +19,16 @@ enum Command {
     /// Hash, sign and verify channel states (a debugging aid for integrators).
     #[command(subcommand)]
     State(cmd::state::StateCommand),
+    /// Deploy the PaymentChannels contract (key in $PAYSTREAM_DEPLOYER_KEY); prints its address
+    /// and chain id as JSON.
+    Deploy(cmd::deploy::DeployArgs),
+}
+
+/// The tokio runtime for the commands that do I/O.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> ExitCode {
@@ -32,6 +42,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
+        Command::Deploy(args) => runtime()
+            .and_then(|rt| rt.block_on(cmd::deploy::run(args)))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,2 +1,220 @@
-//! The on-chain boundary (DESIGN.md section 3): contract bindings from the committed artifact,
-//! an alloy JSON-RPC implementation and an in-process EVM one. Arrives with the contract issue.
+//! The on-chain boundary (DESIGN.md section 3): typed access to the `PaymentChannels` contract.
+//!
+//! Two layers keep the two implementations from drifting apart:
+//! - [`Backend`] is how transactions and calls reach an EVM: [`rpc::RpcBackend`] (alloy over
+//!   JSON-RPC: anvil or any EVM node, HTTPS included) and [`evm::EvmBackend`] (revm in this
+//!   process, running the same compiled bytecode, for the demo and unit tests).
+//! - [`Channels`] encodes every contract call and decodes every event and revert once, on top of
+//!   any backend, and implements [`ChannelChain`], the trait the engine uses.
+//!
+//! Reverts come back as [`ChainError::Reverted`] with the contract's own error, and skipped
+//! claims as [`SkipReason`]s.
+
+pub mod bindings;
+mod contract;
+mod error;
+pub mod evm;
+pub mod rpc;
+
+use std::future::Future;
+
+use alloy::primitives::{Address, B256, Bytes, Log, Signature, U256};
+
+pub use contract::Channels;
+pub use error::{ChainError, Result};
+
+use crate::channel::ChannelInfo;
+
+/// A claim to submit: the payer's signed state and the amount taken under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The channel.
+    pub channel_id: B256,
+    /// The signed state's nonce.
+    pub nonce: u64,
+    /// The signed state's cumulative amount.
+    pub cumulative: u128,
+    /// What the payee takes in total (`<= cumulative`); the contract pays `amount - claimed`.
+    pub amount: u128,
+    /// The payer's signature over the state (sent as EIP-2098 `r, vs`).
+    pub signature: Signature,
+}
+
+/// Why the contract skipped a claim in a batch (`ClaimSkipped.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// Malformed, high-s, or not the payer's signature.
+    BadSignature,
+    /// No channel has this id.
+    UnknownChannel,
+    /// The channel was withdrawn or closed.
+    Closed,
+    /// The sender is neither the payee nor one of its operators.
+    NotPayee,
+    /// `amount > cumulative`.
+    ExceedsCumulative,
+    /// `amount > deposit`.
+    ExceedsDeposit,
+    /// `amount <= claimed`: already settled (resubmission is harmless).
+    AlreadyClaimed,
+    /// The nonce is below the last claimed nonce.
+    StaleNonce,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl SkipReason {
+    /// From the contract's `SKIP_*` code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::BadSignature,
+            2 => Self::UnknownChannel,
+            3 => Self::Closed,
+            4 => Self::NotPayee,
+            5 => Self::ExceedsCumulative,
+            6 => Self::ExceedsDeposit,
+            7 => Self::AlreadyClaimed,
+            8 => Self::StaleNonce,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// One claim the contract paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    /// The channel.
+    pub channel_id: B256,
+    /// The claimed state's nonce.
+    pub nonce: u64,
+    /// The channel's claimed total after this claim.
+    pub claimed: u128,
+    /// What this claim transferred to the payee.
+    pub paid: u128,
+}
+
+/// The outcome of a mined transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxReceipt {
+    /// Transaction hash (a synthetic one on the in-process EVM).
+    pub tx_hash: B256,
+    /// Block it was mined in.
+    pub block: u64,
+    /// Gas used, from the receipt.
+    pub gas_used: u64,
+}
+
+/// The outcome of a `settle` batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleOutcome {
+    /// The transaction.
+    pub receipt: TxReceipt,
+    /// Claims paid, in batch order.
+    pub claimed: Vec<Claimed>,
+    /// Claims skipped, in batch order, with the reason.
+    pub skipped: Vec<(B256, SkipReason)>,
+}
+
+/// The outcome of `closeCooperative`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseOutcome {
+    /// The transaction.
+    pub receipt: TxReceipt,
+    /// The channel's final claimed total.
+    pub claimed: u128,
+    /// Paid to the payee by this close.
+    pub paid: u128,
+    /// Refunded to the payer.
+    pub refund: u128,
+}
+
+/// A payer asked to withdraw: the payee must claim before `withdraw_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WithdrawRequest {
+    /// The channel.
+    pub channel_id: B256,
+    /// Unix time after which the payer can withdraw.
+    pub withdraw_at: u64,
+    /// Block of the request.
+    pub block: u64,
+}
+
+/// A transaction for a [`Backend`] to sign and send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxRequest {
+    /// Callee, or `None` to create a contract.
+    pub to: Option<Address>,
+    /// Calldata or init code.
+    pub input: Bytes,
+    /// Native value sent.
+    pub value: U256,
+}
+
+/// A mined transaction as a backend reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxOutcome {
+    /// The receipt's summary.
+    pub receipt: TxReceipt,
+    /// The logs it emitted.
+    pub logs: Vec<Log>,
+    /// The created contract, for a creation.
+    pub created: Option<Address>,
+}
+
+/// A log with the block it was emitted in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockLog {
+    /// The log.
+    pub log: Log,
+    /// Its block.
+    pub block: u64,
+}
+
+/// How transactions and calls reach an EVM, as one sender account.
+///
+/// `send` returns only once the transaction is mined; a transaction that would revert is
+/// refused with [`ChainError::Reverted`] (decoded from the revert data) and changes nothing.
+pub trait Backend: Send + Sync {
+    /// The chain id.
+    fn chain_id(&self) -> u64;
+    /// The account transactions are sent from.
+    fn sender(&self) -> Address;
+    /// Signs, sends and waits for a transaction.
+    fn send(&self, tx: TxRequest) -> impl Future<Output = Result<TxOutcome>> + Send;
+    /// A read-only call against the latest state.
+    fn call(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Bytes>> + Send;
+    /// Logs of `address` with first topic `topic0` from block `from_block` on, and the latest
+    /// block number they cover.
+    fn logs(
+        &self,
+        address: Address,
+        topic0: B256,
+        from_block: u64,
+    ) -> impl Future<Output = Result<(Vec<BlockLog>, u64)>> + Send;
+    /// The native balance of `owner`.
+    fn balance(&self, owner: Address) -> impl Future<Output = Result<U256>> + Send;
+}
+
+/// What the engine needs from the contract: read a channel, settle a batch, close
+/// cooperatively, and watch withdrawal requests.
+pub trait ChannelChain: Send + Sync {
+    /// The chain id.
+    fn chain_id(&self) -> u64;
+    /// The `PaymentChannels` contract.
+    fn contract(&self) -> Address;
+    /// The channel as the contract holds it, or `None` when no channel has this id.
+    fn read_channel(&self, id: B256) -> impl Future<Output = Result<Option<ChannelInfo>>> + Send;
+    /// Submits a batch of claims; invalid claims are skipped, not reverted.
+    fn settle(&self, claims: &[Claim]) -> impl Future<Output = Result<SettleOutcome>> + Send;
+    /// Settles `claim` as final and refunds the rest, with the payee's `Close` signature.
+    fn close_cooperative(
+        &self,
+        claim: &Claim,
+        payee_signature: &Signature,
+    ) -> impl Future<Output = Result<CloseOutcome>> + Send;
+    /// Withdrawal requests from block `from_block` on, and the latest block covered.
+    fn withdraw_requests(
+        &self,
+        from_block: u64,
+    ) -> impl Future<Output = Result<(Vec<WithdrawRequest>, u64)>> + Send;
+}

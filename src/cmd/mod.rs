@@ -1,3 +1,4 @@
 //! The binary's subcommands. Each prints one JSON object on standard output.
 
+pub mod deploy;
 pub mod state;

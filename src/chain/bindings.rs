@@ -1,0 +1,10 @@
+//! Bindings generated from the committed artifact (`contracts/out/PaymentChannels.sol/
+//! PaymentChannels.json`): the ABI, the events, the custom errors and the bytecode.
+
+alloy::sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    #[allow(missing_docs)]
+    PaymentChannels,
+    "contracts/out/PaymentChannels.sol/PaymentChannels.json"
+);
