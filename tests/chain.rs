@@ -30,8 +30,9 @@ struct Parties<B> {
 /// What the scenario observed; compared across backends.
 #[derive(Debug, PartialEq, Eq)]
 struct Observed {
-    settled: Vec<(B256, u128, u128)>,
+    settled: Vec<(B256, u64, u128)>,
     skipped: Vec<(B256, SkipReason)>,
+    runs: Vec<(Address, Address, U256, Vec<B256>)>,
     payee_received: U256,
     payer_refunded: U256,
     contract_balance: U256,
@@ -185,9 +186,14 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
         settled: settled
             .claimed
             .iter()
-            .map(|c| (c.channel_id, c.claimed, c.paid))
+            .map(|c| (c.channel_id, c.nonce, c.claimed))
             .collect(),
         skipped: settled.skipped,
+        runs: settled
+            .runs
+            .iter()
+            .map(|r| (r.payee, r.token, r.amount, r.channel_ids.clone()))
+            .collect(),
         payee_received: p.payee.backend().balance(payee).await.unwrap() - payee_before,
         payer_refunded: p.payer.backend().balance(payer).await.unwrap() - payer_before,
         contract_balance: p.payer.backend().balance(p.payer.address()).await.unwrap(),
@@ -199,12 +205,18 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
 
 fn expected(a: B256, b: B256) -> Observed {
     Observed {
-        settled: vec![(a, 2 * ETH / 10, 2 * ETH / 10), (b, ETH / 10, ETH / 10)],
+        settled: vec![(a, 1, 2 * ETH / 10), (b, 1, ETH / 10)],
         skipped: vec![
             (a, SkipReason::BadSignature),
             (b, SkipReason::AlreadyClaimed),
             (a, SkipReason::ExceedsCumulative),
         ],
+        runs: vec![(
+            dev_signer(2).address(),
+            Address::ZERO,
+            U256::from(3 * ETH / 10),
+            vec![a, b],
+        )],
         payee_received: U256::from(6 * ETH / 10),
         payer_refunded: U256::from(5 * ETH / 10),
         contract_balance: U256::from(4 * ETH / 10),

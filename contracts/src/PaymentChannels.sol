@@ -66,11 +66,14 @@ contract PaymentChannels {
     event ToppedUp(bytes32 indexed channelId, uint128 amount, uint128 deposit);
     /// @notice A payee allowed or disallowed an operator to claim for it.
     event OperatorSet(address indexed payee, address indexed operator, bool allowed);
-    /// @notice A claim was paid: `claimed` is the channel's new claimed total, `paid` what this
-    /// claim transferred.
-    event Claimed(bytes32 indexed channelId, uint64 nonce, uint128 claimed, uint128 paid);
-    /// @notice A claim in a batch was skipped; see the `SKIP_*` reason codes.
-    event ClaimSkipped(bytes32 indexed channelId, uint8 reason);
+    /// @notice A run of claims with the same payee and token was paid in one transfer of
+    /// `amount`. `channelIds` lists the channels whose claim was paid, in batch order; each one's
+    /// claimed total is now its claim's `amount` and its claimed nonce the claim's `nonce`.
+    /// One event per run, not per claim: a log per claim would cost about 1,400 gas each.
+    event Settled(address indexed payee, address indexed token, uint256 amount, bytes32[] channelIds);
+    /// @notice The claim at position `index` of a batch was skipped; see the `SKIP_*` codes.
+    /// Every claim of a batch not named by a `ClaimSkipped` was paid.
+    event ClaimSkipped(bytes32 indexed channelId, uint256 index, uint8 reason);
     /// @notice The payer started the withdrawal delay.
     event WithdrawRequested(bytes32 indexed channelId, uint64 withdrawAt);
     /// @notice The payer withdrew the unclaimed deposit; the channel is closed.
@@ -118,7 +121,7 @@ contract PaymentChannels {
 
     /// @dev Half the secp256k1 order: signatures with a larger `s` are malleable twins.
     uint256 private constant HALF_ORDER = 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0;
-    uint256 private constant MAX_DEPOSIT = type(uint96).max;
+    uint256 private constant MAX_DEPOSIT = 0xffffffffffffffffffffffff; // type(uint96).max
 
     /// @notice Skip reason: the signature is malformed, high-s, or not the payer's.
     uint8 public constant SKIP_BAD_SIGNATURE = 1;
@@ -259,38 +262,176 @@ contract PaymentChannels {
     /// skipped with `ClaimSkipped` and the batch goes on. Consecutive claims with the same payee
     /// and token are paid in one transfer.
     function settle(Claim[] calldata claims) external nonReentrant {
-        bytes32 domainSeparator = _domainSeparator();
+        bytes32 separator = _domainSeparator();
+        uint256 n = claims.length;
+        uint256 p;
+        // The current run's Settled data, built in memory as the claims are paid:
+        // [amount][0x40][count][channel ids...], room for every claim.
+        uint256 run;
+        assembly ("memory-safe") {
+            p := claims.offset
+            run := mload(0x40)
+            mstore(0x40, add(run, mul(add(n, 3), 0x20)))
+            mstore(add(run, 0x40), 0)
+        }
         address runPayee;
         address runToken;
         uint256 runTotal;
-        uint256 count = claims.length;
-        for (uint256 i; i < count; ++i) {
-            Claim calldata c = claims[i];
-            address signer = _recover(_stateDigest(domainSeparator, c.channelId, c.nonce, c.cumulative), c.r, c.vs);
+        for (uint256 i; i < n;) {
+            address signer = _recoverAt(p, separator);
             if (signer == address(0)) {
-                emit ClaimSkipped(c.channelId, SKIP_BAD_SIGNATURE);
-                continue;
-            }
-            bytes32 key = _balanceKey(c.channelId, signer, runPayee, runToken);
-            uint256 packed = _balances[key];
-            if (packed == 0) {
-                // Not on the current route, not the payer's signature, or closed: the static
-                // record says which, and authorizes a new route.
-                (uint8 reason, address payee, address token) = _authorize(c.channelId, signer);
-                if (reason != 0) {
-                    emit ClaimSkipped(c.channelId, reason);
-                    continue;
+                _skip(p, i, SKIP_BAD_SIGNATURE);
+            } else {
+                (uint256 slot, uint256 packed) = _balanceSlot(p, signer, runPayee, runToken);
+                if (packed == 0) {
+                    // Not on the current route, not the payer's signature, or closed: the
+                    // static record says which, and authorizes a new route.
+                    (uint8 reason, address payee, address token) = _authorize(bytes32(_word(p)), signer);
+                    if (reason != 0) {
+                        _skip(p, i, reason);
+                        unchecked {
+                            ++i;
+                            p += 0xc0;
+                        }
+                        continue;
+                    }
+                    if (payee != runPayee || token != runToken) {
+                        _flush(run, runPayee, runToken, runTotal);
+                        (runPayee, runToken, runTotal) = (payee, token, 0);
+                    }
+                    (slot, packed) = _balanceSlot(p, signer, payee, token);
                 }
-                if (payee != runPayee || token != runToken) {
-                    _push(runToken, runPayee, runTotal);
-                    (runPayee, runToken, runTotal) = (payee, token, 0);
+                unchecked {
+                    // A run's total is at most the sum of its channels' deposits (96 bits each).
+                    runTotal += _apply(p, i, slot, packed, run);
                 }
-                key = _balanceKey(c.channelId, signer, payee, token);
-                packed = _balances[key];
             }
-            runTotal += _apply(key, packed, c);
+            unchecked {
+                ++i;
+                p += 0xc0;
+            }
         }
-        _push(runToken, runPayee, runTotal);
+        _flush(run, runPayee, runToken, runTotal);
+    }
+
+    /// @dev Emits the run's `Settled` and pays its total; nothing for an empty run.
+    function _flush(uint256 run, address payee, address token, uint256 total) private {
+        uint256 count;
+        assembly ("memory-safe") {
+            count := mload(add(run, 0x40))
+        }
+        if (count == 0) return;
+        bytes32 topic = Settled.selector;
+        assembly ("memory-safe") {
+            mstore(run, total)
+            mstore(add(run, 0x20), 0x40)
+            log3(run, add(0x60, mul(count, 0x20)), topic, payee, token)
+            mstore(add(run, 0x40), 0)
+        }
+        _push(token, payee, total);
+    }
+
+    /// @dev The balance slot of the claim at `p` under `signer` and a route, and its value.
+    function _balanceSlot(uint256 p, address signer, address payee, address token)
+        private
+        view
+        returns (uint256 slot, uint256 packed)
+    {
+        assembly ("memory-safe") {
+            // _balances[keccak256(channelId, signer, payee, token)]
+            let m := mload(0x40)
+            mstore(m, calldataload(p))
+            mstore(add(m, 0x20), signer)
+            mstore(add(m, 0x40), payee)
+            mstore(add(m, 0x60), token)
+            mstore(0x00, keccak256(m, 0x80))
+            mstore(0x20, _balances.slot)
+            slot := keccak256(0x00, 0x40)
+            packed := sload(slot)
+        }
+    }
+
+    /// @dev The signer of the claim at calldata offset `p`, or zero (high-s, failed recovery).
+    /// Reverts on values wider than their ABI types, as the ABI decoder would.
+    function _recoverAt(uint256 p, bytes32 separator) private view returns (address signer) {
+        bytes32 typehash = CHANNEL_STATE_TYPEHASH;
+        assembly ("memory-safe") {
+            let m := mload(0x40)
+            let nonce := calldataload(add(p, 0x20))
+            let cumulative := calldataload(add(p, 0x40))
+            if or(shr(64, nonce), or(shr(128, cumulative), shr(128, calldataload(add(p, 0x60))))) {
+                revert(0, 0)
+            }
+            // digest = keccak256(0x1901 || separator || keccak256(typehash, id, nonce, cumulative))
+            mstore(m, typehash)
+            mstore(add(m, 0x20), calldataload(p))
+            mstore(add(m, 0x40), nonce)
+            mstore(add(m, 0x60), cumulative)
+            let structHash := keccak256(m, 0x80)
+            mstore(m, 0x1901)
+            mstore(add(m, 0x20), separator)
+            mstore(add(m, 0x40), structHash)
+            let digest := keccak256(add(m, 0x1e), 0x42)
+            // ecrecover(digest, v, r, s) from the EIP-2098 (r, vs); high-s is refused.
+            let vs := calldataload(add(p, 0xa0))
+            let s := and(vs, 0x7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff)
+            if iszero(gt(s, HALF_ORDER)) {
+                mstore(m, digest)
+                mstore(add(m, 0x20), add(shr(255, vs), 27))
+                mstore(add(m, 0x40), calldataload(add(p, 0x80)))
+                mstore(add(m, 0x60), s)
+                mstore(0x00, 0)
+                pop(staticcall(gas(), 0x01, m, 0x80, 0x00, 0x20))
+                signer := mload(0x00)
+            }
+        }
+    }
+
+    /// @dev The amount checks of the claim at `p` (position `i`), whose signer and route are
+    /// proven: writes the balance slot and records the channel in the run, or emits
+    /// `ClaimSkipped` and pays nothing.
+    function _apply(uint256 p, uint256 i, uint256 slot, uint256 packed, uint256 run) private returns (uint256 paid) {
+        bytes32 skippedTopic = ClaimSkipped.selector;
+        assembly ("memory-safe") {
+            let nonce := calldataload(add(p, 0x20))
+            let amount := calldataload(add(p, 0x60))
+            let claimed := and(shr(96, packed), MAX_DEPOSIT)
+            let skip := 0
+            switch gt(amount, calldataload(add(p, 0x40)))
+            case 1 { skip := SKIP_EXCEEDS_CUMULATIVE }
+            default {
+                switch gt(amount, and(packed, MAX_DEPOSIT))
+                case 1 { skip := SKIP_EXCEEDS_DEPOSIT }
+                default {
+                    switch iszero(gt(amount, claimed))
+                    case 1 { skip := SKIP_ALREADY_CLAIMED }
+                    default { if lt(nonce, shr(192, packed)) { skip := SKIP_STALE_NONCE } }
+                }
+            }
+            switch skip
+            case 0 {
+                sstore(slot, or(and(packed, MAX_DEPOSIT), or(shl(96, amount), shl(192, nonce))))
+                paid := sub(amount, claimed)
+                let count := mload(add(run, 0x40))
+                mstore(add(add(run, 0x60), mul(count, 0x20)), calldataload(p))
+                mstore(add(run, 0x40), add(count, 1))
+            }
+            default {
+                mstore(0x00, i)
+                mstore(0x20, skip)
+                log2(0x00, 0x40, skippedTopic, calldataload(p))
+            }
+        }
+    }
+
+    function _word(uint256 p) private pure returns (uint256 w) {
+        assembly {
+            w := calldataload(p)
+        }
+    }
+
+    function _skip(uint256 p, uint256 i, uint8 reason) private {
+        emit ClaimSkipped(bytes32(_word(p)), i, reason);
     }
 
     /// @dev Why `signer` cannot claim on `channelId` for the caller (0 if it can), and the
@@ -308,25 +449,6 @@ contract PaymentChannels {
         else if (ch.closed) reason = SKIP_CLOSED;
         else if (signer != payer) reason = SKIP_BAD_SIGNATURE;
         else if (msg.sender != payee && !isOperator[payee][msg.sender]) reason = SKIP_NOT_PAYEE;
-    }
-
-    /// @dev Applies one authorized claim to its balance slot; returns what it pays (0 when it
-    /// is skipped, with the event saying why).
-    function _apply(bytes32 key, uint256 packed, Claim calldata c) private returns (uint256 paid) {
-        uint128 amount = c.amount;
-        uint256 claimed = (packed >> 96) & MAX_DEPOSIT;
-        uint8 skip;
-        if (amount > c.cumulative) skip = SKIP_EXCEEDS_CUMULATIVE;
-        else if (amount > (packed & MAX_DEPOSIT)) skip = SKIP_EXCEEDS_DEPOSIT;
-        else if (amount <= claimed) skip = SKIP_ALREADY_CLAIMED;
-        else if (c.nonce < (packed >> 192)) skip = SKIP_STALE_NONCE;
-        if (skip != 0) {
-            emit ClaimSkipped(c.channelId, skip);
-            return 0;
-        }
-        _balances[key] = (packed & MAX_DEPOSIT) | (uint256(amount) << 96) | (uint256(c.nonce) << 192);
-        paid = amount - claimed;
-        emit Claimed(c.channelId, c.nonce, amount, uint128(paid));
     }
 
     /// @notice Settles `claim` as final and refunds the rest of the deposit to the payer at once,
@@ -428,7 +550,7 @@ contract PaymentChannels {
 
     /// @dev keccak256(0x1901 || separator || keccak256(abi.encode(TYPEHASH, id, nonce, cumulative))),
     /// in scratch memory above the free pointer (not allocated: nothing else uses it meanwhile).
-    function _stateDigest(bytes32 separator, bytes32 channelId, uint64 nonce, uint128 cumulative)
+    function _stateDigest(bytes32 separator, bytes32 channelId, uint256 nonce, uint256 cumulative)
         private
         pure
         returns (bytes32 digest)

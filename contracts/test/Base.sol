@@ -84,7 +84,10 @@ abstract contract ChannelsBase is TestBase {
         reasons = new uint8[](n);
         n = 0;
         for (uint256 i; i < logs.length; ++i) {
-            if (logs[i].topics[0] == topic) reasons[n++] = abi.decode(logs[i].data, (uint8));
+            if (logs[i].topics[0] == topic) {
+                (, uint8 reason) = abi.decode(logs[i].data, (uint256, uint8));
+                reasons[n++] = reason;
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 pragma solidity ^0.8.28;
 
 import {ChannelsBase} from "./Base.sol";
+import {Vm} from "./Vm.sol";
 import {PaymentChannels} from "../src/PaymentChannels.sol";
 import {MockERC20, NoReturnToken, FalseToken, FeeToken, ReentrantToken, RejectingReceiver} from "./Mocks.sol";
 
@@ -270,6 +271,40 @@ contract SettleTest is ChannelsBase {
         assertEq(usd.balanceOf(payee), 370, "paid the valid ones");
         assertEq(usd.transferCount(), 1, "one transfer for the run");
         assertEq(claimed(a) + claimed(b) + claimed(c), 370, "claimed");
+    }
+
+    function test_settled_event_lists_the_paid_channels_of_each_run() public {
+        bytes32 a = openToken("a", 1000);
+        bytes32 b = openToken("b", 1000);
+        bytes32 n = openNative("n", 1000);
+        PaymentChannels.Claim[] memory cs = new PaymentChannels.Claim[](4);
+        cs[0] = claimOf(PAYER_KEY, a, 1, 100, 100);
+        cs[1] = claimOf(PAYER_KEY, b, 1, 50, 60); // skipped: over cumulative
+        cs[2] = claimOf(PAYER_KEY, b, 2, 200, 200);
+        cs[3] = claimOf(PAYER_KEY, n, 1, 7, 7);
+        vm.recordLogs();
+        settleAs(payee, cs);
+        Vm.Log[] memory logs = vm.getRecordedLogs();
+        uint256 runs;
+        for (uint256 i; i < logs.length; ++i) {
+            if (logs[i].topics[0] != PaymentChannels.Settled.selector) continue;
+            assertEq(address(uint160(uint256(logs[i].topics[1]))), payee, "payee topic");
+            (uint256 amount, bytes32[] memory ids) = abi.decode(logs[i].data, (uint256, bytes32[]));
+            if (runs == 0) {
+                assertEq(address(uint160(uint256(logs[i].topics[2]))), address(usd), "token topic");
+                assertEq(amount, 300, "usd run total");
+                assertEq(ids.length, 2, "two paid usd claims");
+                assertEq(ids[0], a, "first");
+                assertEq(ids[1], b, "second");
+            } else {
+                assertEq(address(uint160(uint256(logs[i].topics[2]))), address(0), "native topic");
+                assertEq(amount, 7, "native run total");
+                assertEq(ids.length, 1, "one paid native claim");
+                assertEq(ids[0], n, "native channel");
+            }
+            ++runs;
+        }
+        assertEq(runs, 2, "one Settled per run");
     }
 
     function test_one_transfer_per_run_of_payee_and_token() public {

@@ -8,3 +8,7 @@ alloy::sol!(
     PaymentChannels,
     "contracts/out/PaymentChannels.sol/PaymentChannels.json"
 );
+
+/// Makes Cargo rebuild the bindings when the committed artifact changes.
+const _ARTIFACT: &[u8] =
+    include_bytes!("../../contracts/out/PaymentChannels.sol/PaymentChannels.json");

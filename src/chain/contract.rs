@@ -6,8 +6,8 @@ use alloy::sol_types::{SolCall, SolEvent};
 
 use super::bindings::PaymentChannels as pc;
 use super::{
-    Backend, ChainError, ChannelChain, Claim, Claimed, CloseOutcome, Result, SettleOutcome,
-    SkipReason, TxOutcome, TxReceipt, TxRequest, WithdrawRequest,
+    Backend, ChainError, ChannelChain, Claim, Claimed, CloseOutcome, PaidRun, Result,
+    SettleOutcome, SkipReason, TxOutcome, TxReceipt, TxRequest, WithdrawRequest,
 };
 use crate::channel::{ChannelInfo, signature};
 
@@ -201,19 +201,41 @@ impl<B: Backend> ChannelChain for Channels<B> {
             claims: claims.iter().map(to_sol).collect(),
         };
         let outcome = self.send(call, U256::ZERO).await?;
+        // Every claim not named by a ClaimSkipped (by its index) was paid.
+        let mut skip_of = vec![None; claims.len()];
+        for e in events::<pc::ClaimSkipped>(&outcome.logs, self.address) {
+            if let Some(slot) = usize::try_from(e.index)
+                .ok()
+                .and_then(|i| skip_of.get_mut(i))
+            {
+                *slot = Some(SkipReason::from_code(e.reason));
+            }
+        }
+        let mut claimed = Vec::new();
+        let mut skipped = Vec::new();
+        for (claim, skip) in claims.iter().zip(skip_of) {
+            match skip {
+                Some(reason) => skipped.push((claim.channel_id, reason)),
+                None => claimed.push(Claimed {
+                    channel_id: claim.channel_id,
+                    nonce: claim.nonce,
+                    claimed: claim.amount,
+                }),
+            }
+        }
+        let runs = events::<pc::Settled>(&outcome.logs, self.address)
+            .map(|e| PaidRun {
+                payee: e.payee,
+                token: e.token,
+                amount: e.amount,
+                channel_ids: e.channelIds,
+            })
+            .collect();
         Ok(SettleOutcome {
-            claimed: events::<pc::Claimed>(&outcome.logs, self.address)
-                .map(|e| Claimed {
-                    channel_id: e.channelId,
-                    nonce: e.nonce,
-                    claimed: e.claimed,
-                    paid: e.paid,
-                })
-                .collect(),
-            skipped: events::<pc::ClaimSkipped>(&outcome.logs, self.address)
-                .map(|e| (e.channelId, SkipReason::from_code(e.reason)))
-                .collect(),
             receipt: outcome.receipt,
+            claimed,
+            skipped,
+            runs,
         })
     }
 

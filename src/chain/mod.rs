@@ -87,10 +87,8 @@ pub struct Claimed {
     pub channel_id: B256,
     /// The claimed state's nonce.
     pub nonce: u64,
-    /// The channel's claimed total after this claim.
+    /// The channel's claimed total after this claim (the claim's amount).
     pub claimed: u128,
-    /// What this claim transferred to the payee.
-    pub paid: u128,
 }
 
 /// The outcome of a mined transaction.
@@ -104,6 +102,19 @@ pub struct TxReceipt {
     pub gas_used: u64,
 }
 
+/// One transfer of a batch: a run of consecutive claims with the same payee and token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidRun {
+    /// Who was paid.
+    pub payee: Address,
+    /// In what (zero for native ETH).
+    pub token: Address,
+    /// The run's total transfer.
+    pub amount: U256,
+    /// The channels whose claims the run paid, in batch order.
+    pub channel_ids: Vec<B256>,
+}
+
 /// The outcome of a `settle` batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettleOutcome {
@@ -113,6 +124,8 @@ pub struct SettleOutcome {
     pub claimed: Vec<Claimed>,
     /// Claims skipped, in batch order, with the reason.
     pub skipped: Vec<(B256, SkipReason)>,
+    /// The transfers, one per run of claims with the same payee and token.
+    pub runs: Vec<PaidRun>,
 }
 
 /// The outcome of `closeCooperative`.
