@@ -9,6 +9,7 @@ use paystream::channel::{
     signature,
 };
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 const PAYEE: Address = Address::repeat_byte(0xbb);
 const TOKEN: Address = Address::repeat_byte(0x70);
@@ -80,7 +81,11 @@ fn sign(channel: &OpenChannel, p: &Proposal) -> SignedState {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("tests/proptest-regressions/channel_rules.txt"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn accepts_exactly_what_the_model_accepts(

@@ -1,0 +1,467 @@
+//! [`Meter`]: exact accounting of one session's consumption against its accepted cumulative.
+
+use alloy::primitives::U256;
+
+use super::error::{MeterError, TariffError};
+use super::tariff::{Rates, Tariff};
+
+/// A monotonic instant in nanoseconds, from a clock the caller owns (the meter never reads one).
+pub type Nanos = u64;
+
+/// 250 ms is a round trip over a slow mobile link; the session replaces it with the measured
+/// ping/pong round trip.
+pub const DEFAULT_RTT_NS: u64 = 250_000_000;
+/// Margin on top of the round trip: a client must also sign, which a hardware wallet or a busy
+/// agent can take a while to do.
+pub const DEFAULT_MARGIN_NS: u64 = 750_000_000;
+/// Floor under the round trip used for asking early, whatever was measured.
+pub const MIN_RTT_NS: u64 = 10_000_000;
+/// How long one heartbeat proves the client is there: the heartbeat interval (5 s) plus
+/// one interval of grace.
+pub const DEFAULT_LIVENESS_NS: u64 = 10_000_000_000;
+
+/// When to ask for credit, and how much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterConfig {
+    /// The client's round trip (ns); raised to [`MIN_RTT_NS`] if lower.
+    pub rtt_ns: u64,
+    /// Extra time (ns) the client gets to sign and send.
+    pub margin_ns: u64,
+    /// Ask for a voucher when less than this many base units remain, whatever the burn rate.
+    pub min_threshold: u128,
+    /// The suggested next cumulative is the consumption plus this many base units.
+    pub credit_window: u128,
+    /// Time (ns) after a heartbeat during which the client counts as connected.
+    pub liveness_ns: u64,
+}
+
+impl MeterConfig {
+    /// Defaults for a given credit window.
+    pub fn with_credit_window(credit_window: u128) -> Self {
+        Self {
+            rtt_ns: DEFAULT_RTT_NS,
+            margin_ns: DEFAULT_MARGIN_NS,
+            min_threshold: 0,
+            credit_window,
+            liveness_ns: DEFAULT_LIVENESS_NS,
+        }
+    }
+}
+
+/// Why the clock is stopped; time is charged only when none applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PauseReason {
+    /// The credit is used up: delivery stops until a voucher raises the cumulative.
+    Exhausted = 1,
+    /// The client reads too slowly: delivery waits for the socket, and the client is not
+    /// charged for the wait.
+    Backpressure = 2,
+    /// Paused at the client's or the application's request.
+    Requested = 4,
+}
+
+/// What the meter asks the client for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedVoucher {
+    /// Consumption so far, rounded up.
+    pub consumed: u128,
+    /// The accepted cumulative.
+    pub cumulative: u128,
+    /// The cumulative the next voucher should carry.
+    pub suggested: u128,
+    /// At the measured burn rate, in how many nanoseconds the credit runs out (`None` when
+    /// nothing is being consumed).
+    pub runs_out_in_ns: Option<u64>,
+}
+
+/// A snapshot for the `usage` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Consumption so far, rounded up: what settling now would take.
+    pub consumed: u128,
+    /// The accepted cumulative.
+    pub cumulative: u128,
+    /// Whole base units left (rounded down).
+    pub remaining: u128,
+    /// Messages delivered.
+    pub messages: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes delivered.
+    pub bytes_out: u64,
+    /// Nanoseconds charged (connected, alive and unpaused).
+    pub elapsed_ns: u64,
+}
+
+/// The consumption of one session, kept exactly: `scaled / D` base units, where `D` is the
+/// tariff's common denominator, so no fraction of a base unit is ever lost or invented. Every
+/// `try_*` either charges the whole unit within the accepted cumulative or refuses it and
+/// changes nothing, so consumption never exceeds the cumulative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    rates: Rates,
+    config: MeterConfig,
+    /// Consumption times `D`.
+    scaled: U256,
+    /// Cumulative times `D`.
+    limit: U256,
+    cumulative: u128,
+    messages: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    charged_ns: u64,
+    connected: bool,
+    /// Bits of [`PauseReason`].
+    pauses: u8,
+    /// Time is accounted up to here.
+    accrued_to: Nanos,
+    /// The last heartbeat proves liveness until here.
+    live_until: Nanos,
+    /// Start of the current credit window (since the last voucher): instant and consumption.
+    window_start: (Nanos, U256),
+    /// Consumption and duration of the previous credit window, for the burn rate.
+    previous_window: (U256, u64),
+    /// The cumulative for which `need_voucher` was already asked.
+    asked_at: Option<u128>,
+}
+
+impl Meter {
+    /// A meter for `tariff`, with nothing consumed, credit `cumulative`, not yet connected.
+    pub fn new(
+        tariff: &Tariff,
+        config: MeterConfig,
+        cumulative: u128,
+        now: Nanos,
+    ) -> Result<Self, TariffError> {
+        let rates = tariff.rates()?;
+        Ok(Self {
+            limit: U256::from(cumulative) * rates.denominator,
+            rates,
+            config,
+            scaled: U256::ZERO,
+            cumulative,
+            messages: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            charged_ns: 0,
+            connected: false,
+            pauses: 0,
+            accrued_to: now,
+            live_until: now,
+            window_start: (now, U256::ZERO),
+            previous_window: (U256::ZERO, 0),
+            asked_at: None,
+        })
+    }
+
+    /// Restores a meter whose consumption was persisted: `consumed` whole base units already
+    /// charged (the store keeps the ceiling, so a restart can only favour the client by less
+    /// than one base unit).
+    pub fn resume_from(
+        tariff: &Tariff,
+        config: MeterConfig,
+        cumulative: u128,
+        consumed: u128,
+        now: Nanos,
+    ) -> Result<Self, TariffError> {
+        let mut meter = Self::new(tariff, config, cumulative.max(consumed), now)?;
+        meter.scaled = U256::from(consumed) * meter.rates.denominator;
+        meter.window_start.1 = meter.scaled;
+        Ok(meter)
+    }
+
+    fn running(&self) -> bool {
+        self.connected && self.pauses == 0
+    }
+
+    /// Charges the time since the last accounting, up to `now` and to the end of liveness.
+    /// If the credit runs out inside the interval, charges exactly up to that nanosecond and
+    /// pauses with [`PauseReason::Exhausted`].
+    fn accrue(&mut self, now: Nanos) {
+        if !self.running() {
+            return;
+        }
+        let end = now.min(self.live_until);
+        if end <= self.accrued_to {
+            return;
+        }
+        let dt = end - self.accrued_to;
+        let cost = self.rates.nanosecond * U256::from(dt);
+        let room = self.limit - self.scaled;
+        if cost <= room {
+            self.scaled += cost;
+            self.charged_ns += dt;
+            self.accrued_to = end;
+        } else {
+            // cost > room >= 0 implies a non-zero rate; the affordable part is < dt.
+            let affordable: u64 = (room / self.rates.nanosecond).to();
+            self.scaled += self.rates.nanosecond * U256::from(affordable);
+            self.charged_ns += affordable;
+            self.accrued_to += affordable;
+            self.pauses |= PauseReason::Exhausted as u8;
+        }
+    }
+
+    /// Applies a change to what stops the clock, charging time up to `now` first and
+    /// restarting the clock at `now` if it starts.
+    fn transition(&mut self, now: Nanos, change: impl FnOnce(&mut Self)) {
+        let now = now.max(self.accrued_to);
+        self.accrue(now);
+        let was_running = self.running();
+        change(self);
+        if !was_running && self.running() {
+            self.accrued_to = now;
+        }
+    }
+
+    /// The client connected (or reconnected): the clock runs while it stays alive.
+    pub fn connect(&mut self, now: Nanos) {
+        let liveness = self.config.liveness_ns;
+        self.transition(now, |m| {
+            m.connected = true;
+            m.live_until = now.saturating_add(liveness);
+        });
+    }
+
+    /// The client disconnected: the clock stops.
+    pub fn disconnect(&mut self, now: Nanos) {
+        self.transition(now, |m| m.connected = false);
+    }
+
+    /// A heartbeat answered at `now`: the client is alive until `now + liveness`. Time between
+    /// a lapsed liveness and this heartbeat is not charged.
+    pub fn heartbeat(&mut self, now: Nanos) {
+        let now = now.max(self.accrued_to);
+        self.accrue(now);
+        if self.running() && now > self.live_until {
+            self.accrued_to = now;
+        }
+        self.live_until = now.saturating_add(self.config.liveness_ns);
+    }
+
+    /// Stops the clock for `reason`.
+    pub fn pause(&mut self, reason: PauseReason, now: Nanos) {
+        self.transition(now, |m| m.pauses |= reason as u8);
+    }
+
+    /// Lifts `reason`; the clock restarts at `now` if nothing else stops it.
+    pub fn resume(&mut self, reason: PauseReason, now: Nanos) {
+        self.transition(now, |m| m.pauses &= !(reason as u8));
+    }
+
+    /// Whether `reason` currently stops the clock.
+    pub fn is_paused(&self, reason: PauseReason) -> bool {
+        self.pauses & reason as u8 != 0
+    }
+
+    /// Charges time up to `now`; returns whether the credit is exhausted.
+    pub fn advance(&mut self, now: Nanos) -> bool {
+        self.accrue(now.max(self.accrued_to));
+        self.is_paused(PauseReason::Exhausted)
+    }
+
+    /// The instant at which the running clock uses up the credit, so delivery can pause at
+    /// exactly that instant. `None` when time is free or the clock is stopped.
+    pub fn exhausted_at(&self) -> Option<Nanos> {
+        if !self.running() || self.rates.nanosecond.is_zero() {
+            return None;
+        }
+        let room = (self.limit - self.scaled) / self.rates.nanosecond;
+        let room: u64 = room.try_into().unwrap_or(u64::MAX);
+        Some(self.accrued_to.saturating_add(room))
+    }
+
+    fn charge(&mut self, cost: U256) -> Result<(), MeterError> {
+        let after = self.scaled.checked_add(cost).ok_or(MeterError::Overflow)?;
+        if after > self.limit {
+            return Err(MeterError::Exhausted {
+                remaining: self.remaining(),
+            });
+        }
+        self.scaled = after;
+        Ok(())
+    }
+
+    /// Delivers one message of `bytes` bytes if it fits in the credit; otherwise refuses it,
+    /// pauses with [`PauseReason::Exhausted`] (the clock stops: nothing is being delivered),
+    /// and changes nothing else.
+    pub fn try_message(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
+        self.accrue(now.max(self.accrued_to));
+        if self.is_paused(PauseReason::Exhausted) {
+            return Err(MeterError::Exhausted {
+                remaining: self.remaining(),
+            });
+        }
+        let cost = self.rates.message + self.rates.byte_out * U256::from(bytes);
+        if let Err(error) = self.charge(cost) {
+            self.pauses |= PauseReason::Exhausted as u8;
+            return Err(error);
+        }
+        self.messages += 1;
+        self.bytes_out += bytes;
+        Ok(())
+    }
+
+    /// Charges `bytes` received from the client if they fit in the credit; otherwise refuses
+    /// them (the request is not processed) and changes nothing.
+    pub fn try_bytes_in(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
+        self.accrue(now.max(self.accrued_to));
+        self.charge(self.rates.byte_in * U256::from(bytes))?;
+        self.bytes_in += bytes;
+        Ok(())
+    }
+
+    /// A voucher raised the accepted cumulative to `cumulative`: credit grows, an exhausted
+    /// meter resumes at `now`, and a new credit window starts for the burn rate.
+    pub fn set_cumulative(&mut self, cumulative: u128, now: Nanos) -> Result<(), MeterError> {
+        if cumulative < self.cumulative {
+            return Err(MeterError::CumulativeDecreased {
+                got: cumulative,
+                current: self.cumulative,
+            });
+        }
+        let now = now.max(self.accrued_to);
+        self.accrue(now);
+        if cumulative == self.cumulative {
+            return Ok(());
+        }
+        let denominator = self.rates.denominator;
+        self.transition(now, |m| {
+            m.cumulative = cumulative;
+            m.limit = U256::from(cumulative) * denominator;
+            m.pauses &= !(PauseReason::Exhausted as u8);
+        });
+        let (start, scaled_at_start) = self.window_start;
+        if now > start {
+            self.previous_window = (self.scaled - scaled_at_start, now - start);
+        }
+        self.window_start = (now, self.scaled);
+        self.asked_at = None;
+        Ok(())
+    }
+
+    /// Sets the measured round trip to the client.
+    pub fn set_rtt(&mut self, rtt_ns: u64) {
+        self.config.rtt_ns = rtt_ns;
+    }
+
+    /// The burn rate as (scaled consumption, nanoseconds): the faster of the current and the
+    /// previous credit window, so a speed-up is seen at once and a lull does not hide the rate
+    /// the client will need again.
+    fn burn_rate(&self, now: Nanos) -> (U256, u64) {
+        let (start, scaled_at_start) = self.window_start;
+        let current = (self.scaled - scaled_at_start, now.saturating_sub(start));
+        let previous = self.previous_window;
+        // a/b > c/d  <=>  a*d > c*b
+        let faster = |(a, b): (U256, u64), (c, d): (U256, u64)| {
+            a.saturating_mul(U256::from(d)) > c.saturating_mul(U256::from(b))
+        };
+        if current.1 == 0 {
+            previous
+        } else if previous.1 == 0 || faster(current, previous) {
+            current
+        } else {
+            previous
+        }
+    }
+
+    /// Whether to ask for a voucher now: once per accepted cumulative, when the credit left
+    /// is less than what the burn rate uses over the client's round trip plus the margin, or
+    /// less than the configured floor, or less than one more message.
+    pub fn poll_need_voucher(&mut self, now: Nanos) -> Option<NeedVoucher> {
+        self.accrue(now.max(self.accrued_to));
+        if self.asked_at == Some(self.cumulative) {
+            return None;
+        }
+        let (burned, over_ns) = self.burn_rate(now);
+        let horizon = self
+            .config
+            .rtt_ns
+            .max(MIN_RTT_NS)
+            .saturating_add(self.config.margin_ns);
+        let expected = if over_ns == 0 {
+            U256::ZERO
+        } else {
+            burned.saturating_mul(U256::from(horizon)) / U256::from(over_ns)
+        };
+        // Whatever was measured, ask before the next message or the next horizon of time
+        // could not be paid.
+        let time_floor = if self.running() {
+            self.rates.nanosecond.saturating_mul(U256::from(horizon))
+        } else {
+            U256::ZERO
+        };
+        let floor = (U256::from(self.config.min_threshold) * self.rates.denominator)
+            .max(self.rates.message)
+            .max(time_floor);
+        let room = self.limit - self.scaled;
+        if room >= expected.max(floor) && !self.is_paused(PauseReason::Exhausted) {
+            return None;
+        }
+        self.asked_at = Some(self.cumulative);
+        let consumed = self.consumed();
+        let window = self.config.credit_window.max(1);
+        let mut suggested = consumed.saturating_add(window);
+        if suggested <= self.cumulative {
+            suggested = self.cumulative.saturating_add(window);
+        }
+        let runs_out_in_ns = if burned.is_zero() || over_ns == 0 {
+            None
+        } else {
+            let ns = room.saturating_mul(U256::from(over_ns)) / burned;
+            Some(ns.try_into().unwrap_or(u64::MAX))
+        };
+        Some(NeedVoucher {
+            consumed,
+            cumulative: self.cumulative,
+            suggested,
+            runs_out_in_ns,
+        })
+    }
+
+    /// Consumption so far, rounded up to whole base units: what settling now would take.
+    pub fn consumed(&self) -> u128 {
+        let d = self.rates.denominator;
+        let whole = self.scaled / d;
+        let ceil = if (self.scaled % d).is_zero() {
+            whole
+        } else {
+            whole + U256::from(1u8)
+        };
+        ceil.to()
+    }
+
+    /// The exact consumption as `(numerator, denominator)` base units.
+    pub fn exact_consumed(&self) -> (U256, U256) {
+        (self.scaled, self.rates.denominator)
+    }
+
+    /// Whole base units left under the cumulative (rounded down).
+    pub fn remaining(&self) -> u128 {
+        ((self.limit - self.scaled) / self.rates.denominator).to()
+    }
+
+    /// The accepted cumulative.
+    pub fn cumulative(&self) -> u128 {
+        self.cumulative
+    }
+
+    /// The compiled tariff.
+    pub fn rates(&self) -> &Rates {
+        &self.rates
+    }
+
+    /// A snapshot for the `usage` message.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            consumed: self.consumed(),
+            cumulative: self.cumulative,
+            remaining: self.remaining(),
+            messages: self.messages,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            elapsed_ns: self.charged_ns,
+        }
+    }
+}
