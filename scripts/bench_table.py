@@ -13,6 +13,9 @@ TABLES = {
         ("channel_state_verify_all_cores", None),
         ("eip712_digest", None),
     ],
+    "meter": [
+        ("meter_event", None),
+    ],
 }
 
 
