@@ -1,8 +1,24 @@
 //! The wire protocol (DESIGN.md section 4): the HTTP 402 challenge and the WebSocket message
-//! types, as pure encode/decode.
-//!
-//! Today this holds the close codes, which the channel and session errors map to; the
-//! message types and the 402 challenge arrive with the server issue.
+//! types, as pure encode/decode. Nothing here touches a socket.
+
+mod challenge;
+mod error;
+mod messages;
+pub mod money;
+
+pub use challenge::{
+    ChannelStreamTerms, DomainTerms, PAYMENT_REQUIRED_HEADER, PROTOCOL, PaymentRequired,
+    PaymentRequirements, Resource, SCHEME,
+};
+pub use error::ProtocolError;
+pub use messages::{
+    ClientMessage, ErrorData, ServerMessage, SignedStateMsg, decode_client, decode_server,
+    encode_client, encode_server,
+};
+
+/// Largest client message accepted (64 KiB): vouchers are about 300 bytes, and requests
+/// (prompts) larger than this belong in an upload, not a control frame.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// WebSocket close codes of DESIGN.md section 4.2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
