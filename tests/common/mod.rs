@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub mod anvil;
+pub mod redis;
 pub mod vectors;

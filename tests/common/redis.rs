@@ -1,0 +1,95 @@
+//! A real redis-server for a test, on 127.0.0.1 and a free port chosen at run time, stopped
+//! when the handle drops.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running redis-server.
+pub struct Redis {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    /// `redis://127.0.0.1:PORT/`.
+    pub url: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Redis {
+    /// Starts redis-server (no persistence: tests need speed, not durability).
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            if let Some(redis) = Self::try_start(free_port()) {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start (is it installed? scripts/install-tools installs it)");
+    }
+
+    /// Starts on a given port (used to restart on the same port after a stop).
+    pub fn try_start(port: u16) -> Option<Self> {
+        let bin = super::anvil::tool("redis-server");
+        let mut child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let stdout = child.stdout.take()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Ready to accept connections") {
+                    let _ = tx.send(true);
+                } else if line.contains("Address already in use")
+                    || line.contains("Could not create server TCP")
+                {
+                    let _ = tx.send(false);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(true) => Some(Self {
+                child,
+                port,
+                url: format!("redis://127.0.0.1:{port}/"),
+            }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
+    /// Stops the server now (to test an outage).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
