@@ -1,11 +1,31 @@
-//! Configuration sections and their defaults, each with its unit in the name and the reason
-//! beside it. The sections grow with the server issue (listen address, RPC, store, tariff).
+//! Configuration: sections with their defaults (each `DEFAULT_*` constant has its unit in the
+//! name and the reason beside it, next to the code it tunes), read from a TOML file and then
+//! from environment variables. Secrets (keys) come only from the environment.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+
+use alloy::primitives::Address;
+use serde::Deserialize;
+
+use crate::meter::{DEFAULT_LIVENESS_NS, DEFAULT_MARGIN_NS, DEFAULT_RTT_NS, MeterConfig, Tariff};
+use crate::protocol::money;
+use crate::server::Limits;
+use crate::session::{
+    DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_VOUCHERS_PER_SEC, DEFAULT_USAGE_INTERVAL_MS,
+    DEFAULT_VOUCHER_DEADLINE_MS,
+};
 
 /// 65,536 payer keys take about 8 MiB and cover far more channels than one node serves at
 /// once; a miss costs one signature recovery, never an error.
 pub const DEFAULT_PAYER_KEY_CACHE_ENTRIES: usize = 65_536;
+/// Listen address of `paystream serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default token generator rate: about a fast LLM's speed.
+pub const DEFAULT_TOKENS_PER_SEC: u32 = 50;
+/// Default tokens per request of the token generator.
+pub const DEFAULT_MAX_TOKENS: u64 = 1_000;
 
 /// How the engine checks vouchers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,5 +41,365 @@ impl Default for ChannelConfig {
             payer_key_cache_entries: NonZeroUsize::new(DEFAULT_PAYER_KEY_CACHE_ENTRIES)
                 .expect("the default is non-zero"),
         }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML did not parse or had unknown keys.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or missing.
+    #[error("invalid configuration value {field}: {reason}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `paystream serve`'s configuration (the TOML file's layout; see the README).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on (`PAYSTREAM_LISTEN`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL clients reach this server at; defaults to `http://{listen}`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// The chain.
+    pub chain: ChainSection,
+    /// The store.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// What sessions charge (the 402 challenge's JSON keys).
+    #[serde(default)]
+    pub tariff: Tariff,
+    /// Session behaviour.
+    #[serde(default)]
+    pub session: SessionSection,
+    /// Bounds.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Resources by name (`/ws/{name}`).
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceSection>,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("a valid default")
+}
+
+/// `[chain]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChainSection {
+    /// JSON-RPC endpoint (`PAYSTREAM_RPC_URL`).
+    pub rpc_url: String,
+    /// The PaymentChannels contract (`PAYSTREAM_CONTRACT`).
+    pub contract: Address,
+    /// The token charged in; zero for native ETH.
+    #[serde(default)]
+    pub token: Address,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `redis` (production) or `memory` (tests and demos: not durable).
+    #[serde(default = "default_store_kind")]
+    pub kind: String,
+    /// Redis URL (`PAYSTREAM_REDIS_URL`).
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Key prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_store_kind() -> String {
+    "redis".into()
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/".into()
+}
+fn default_prefix() -> String {
+    crate::store::redis::DEFAULT_REDIS_PREFIX.into()
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            redis_url: default_redis_url(),
+            prefix: default_prefix(),
+        }
+    }
+}
+
+/// `[session]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSection {
+    /// Suggested cumulative step per voucher (base units, decimal string).
+    #[serde(with = "money::u128_string", default = "default_credit_window")]
+    pub credit_window: u128,
+    /// Smallest deposit accepted (base units, decimal string).
+    #[serde(with = "money::u128_string", default = "zero")]
+    pub min_deposit: u128,
+    /// Ask for a voucher when less than this is left, whatever the burn rate.
+    #[serde(with = "money::u128_string", default = "zero")]
+    pub min_threshold: u128,
+    /// Ping interval.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// `usage` interval.
+    #[serde(default = "default_usage_ms")]
+    pub usage_interval_ms: u64,
+    /// Time to answer `need_voucher` (then 4408).
+    #[serde(default = "default_deadline_ms")]
+    pub voucher_deadline_ms: u64,
+    /// Voucher flood limit (then 4429).
+    #[serde(default = "default_max_vouchers")]
+    pub max_vouchers_per_sec: usize,
+    /// Round trip assumed until one is measured.
+    #[serde(default = "default_rtt_ms")]
+    pub rtt_ms: u64,
+    /// Margin on top of the round trip.
+    #[serde(default = "default_margin_ms")]
+    pub margin_ms: u64,
+    /// How long after a disconnect a session can be resumed.
+    #[serde(default = "default_resume_secs")]
+    pub resume_window_secs: u64,
+}
+
+fn default_credit_window() -> u128 {
+    1_000
+}
+fn zero() -> u128 {
+    0
+}
+fn default_heartbeat_ms() -> u64 {
+    DEFAULT_HEARTBEAT_MS
+}
+fn default_usage_ms() -> u64 {
+    DEFAULT_USAGE_INTERVAL_MS
+}
+fn default_deadline_ms() -> u64 {
+    DEFAULT_VOUCHER_DEADLINE_MS
+}
+fn default_max_vouchers() -> usize {
+    DEFAULT_MAX_VOUCHERS_PER_SEC
+}
+fn default_rtt_ms() -> u64 {
+    DEFAULT_RTT_NS / 1_000_000
+}
+fn default_margin_ms() -> u64 {
+    DEFAULT_MARGIN_NS / 1_000_000
+}
+fn default_resume_secs() -> u64 {
+    300
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl SessionSection {
+    /// The meter's configuration.
+    pub fn meter(&self) -> MeterConfig {
+        MeterConfig {
+            rtt_ns: self.rtt_ms * 1_000_000,
+            margin_ns: self.margin_ms * 1_000_000,
+            min_threshold: self.min_threshold,
+            credit_window: self.credit_window,
+            liveness_ns: (self.heartbeat_ms * 2 * 1_000_000).max(DEFAULT_LIVENESS_NS / 10),
+        }
+    }
+}
+
+/// `[limits]`: see [`Limits`] for each bound and its reason.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Connections at once.
+    pub max_connections: Option<usize>,
+    /// Units buffered per session.
+    pub queue_capacity: Option<usize>,
+    /// Largest client message (bytes).
+    pub max_message_bytes: Option<usize>,
+    /// Time to send `open`.
+    pub handshake_timeout_ms: Option<u64>,
+    /// Time without inbound frames.
+    pub idle_timeout_ms: Option<u64>,
+    /// Channel read cache.
+    pub channel_cache_ms: Option<u64>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every field is optional")
+    }
+}
+
+impl LimitsSection {
+    /// The server's limits.
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            queue_capacity: self.queue_capacity.unwrap_or(d.queue_capacity),
+            max_message_bytes: self.max_message_bytes.unwrap_or(d.max_message_bytes),
+            handshake_timeout_ms: self.handshake_timeout_ms.unwrap_or(d.handshake_timeout_ms),
+            idle_timeout_ms: self.idle_timeout_ms.unwrap_or(d.idle_timeout_ms),
+            channel_cache_ms: self.channel_cache_ms.unwrap_or(d.channel_cache_ms),
+            ..d
+        }
+    }
+}
+
+/// `[resources.NAME]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResourceSection {
+    /// The built-in deterministic token generator.
+    TokenGenerator {
+        /// Tokens per second.
+        #[serde(default = "default_tokens_per_sec")]
+        tokens_per_sec: u32,
+        /// Tokens per request unless the request says `maxTokens`.
+        #[serde(default = "default_max_tokens")]
+        max_tokens: u64,
+    },
+}
+
+fn default_tokens_per_sec() -> u32 {
+    DEFAULT_TOKENS_PER_SEC
+}
+fn default_max_tokens() -> u64 {
+    DEFAULT_MAX_TOKENS
+}
+
+impl ServeConfig {
+    /// Parses the TOML file's text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Applies `PAYSTREAM_LISTEN`, `PAYSTREAM_PUBLIC_URL`, `PAYSTREAM_RPC_URL`,
+    /// `PAYSTREAM_CONTRACT` and `PAYSTREAM_REDIS_URL` from `env`.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("PAYSTREAM_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Invalid {
+                field: "PAYSTREAM_LISTEN",
+                reason: format!("{e}"),
+            })?;
+        }
+        if let Some(v) = env("PAYSTREAM_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = env("PAYSTREAM_RPC_URL") {
+            self.chain.rpc_url = v;
+        }
+        if let Some(v) = env("PAYSTREAM_CONTRACT") {
+            self.chain.contract = v.parse().map_err(|e| ConfigError::Invalid {
+                field: "PAYSTREAM_CONTRACT",
+                reason: format!("{e}"),
+            })?;
+        }
+        if let Some(v) = env("PAYSTREAM_REDIS_URL") {
+            self.store.redis_url = v;
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if !matches!(self.store.kind.as_str(), "redis" | "memory") {
+            return invalid("store.kind", "must be \"redis\" or \"memory\"");
+        }
+        if self.tariff.is_free() {
+            return invalid(
+                "tariff",
+                "prices nothing; a paywall needs at least one non-zero price",
+            );
+        }
+        self.tariff.rates().map_err(|e| ConfigError::Invalid {
+            field: "tariff",
+            reason: e.to_string(),
+        })?;
+        if self.session.credit_window == 0 {
+            return invalid("session.credit_window", "must be positive");
+        }
+        if self.session.heartbeat_ms == 0 || self.session.usage_interval_ms == 0 {
+            return invalid(
+                "session",
+                "heartbeat_ms and usage_interval_ms must be positive",
+            );
+        }
+        if self.resources.is_empty() {
+            return invalid("resources", "configure at least one resource");
+        }
+        Ok(())
+    }
+
+    /// The public base URL.
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+listen = "127.0.0.1:9000"
+[chain]
+rpc_url = "http://127.0.0.1:8545"
+contract = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+[tariff]
+perMessage = { amount = "3", per = "1000" }
+[session]
+credit_window = "500"
+[resources.tokens]
+kind = "token_generator"
+tokens_per_sec = 20
+"#;
+
+    #[test]
+    fn parses_validates_and_takes_the_environment() {
+        let mut c = ServeConfig::from_toml(EXAMPLE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.session.credit_window, 500);
+        assert_eq!(c.session.heartbeat_ms, DEFAULT_HEARTBEAT_MS);
+        assert_eq!(c.store.kind, "redis");
+        c.apply_env(|k| (k == "PAYSTREAM_REDIS_URL").then(|| "redis://10.0.0.1/".to_string()))
+            .unwrap();
+        assert_eq!(c.store.redis_url, "redis://10.0.0.1/");
+        assert_eq!(c.public_url(), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn refuses_bad_configurations() {
+        assert!(ServeConfig::from_toml(&format!("{EXAMPLE}\nbogus = 1")).is_err());
+        let free = EXAMPLE.replace(r#"perMessage = { amount = "3", per = "1000" }"#, "");
+        assert!(ServeConfig::from_toml(&free).unwrap().validate().is_err());
+        let zero_per = EXAMPLE.replace(r#"per = "1000""#, r#"per = "0""#);
+        assert!(ServeConfig::from_toml(&zero_per).is_err());
     }
 }

@@ -187,7 +187,7 @@ pub struct BlockLog {
 ///
 /// `send` returns only once the transaction is mined; a transaction that would revert is
 /// refused with [`ChainError::Reverted`] (decoded from the revert data) and changes nothing.
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + 'static {
     /// The chain id.
     fn chain_id(&self) -> u64;
     /// The account transactions are sent from.
@@ -210,7 +210,7 @@ pub trait Backend: Send + Sync {
 
 /// What the engine needs from the contract: read a channel, settle a batch, close
 /// cooperatively, and watch withdrawal requests.
-pub trait ChannelChain: Send + Sync {
+pub trait ChannelChain: Send + Sync + 'static {
     /// The chain id.
     fn chain_id(&self) -> u64;
     /// The `PaymentChannels` contract.

@@ -184,6 +184,22 @@ impl OpenChannel {
         Ok(digest)
     }
 
+    /// Makes a voucher that passed [`OpenChannel::check`] the accepted state, once it has been
+    /// persisted. The caller guarantees nothing else was accepted since the check (a session
+    /// holds at most one voucher in flight); a voucher that is no longer ahead is ignored.
+    pub fn apply_checked(&mut self, voucher: &SignedState) -> &AcceptedState {
+        if voucher.state.nonce > self.accepted.nonce
+            && voucher.state.cumulative >= self.accepted.cumulative
+        {
+            self.accepted = AcceptedState {
+                nonce: voucher.state.nonce,
+                cumulative: voucher.state.cumulative,
+                signature: Some(voucher.signature),
+            };
+        }
+        &self.accepted
+    }
+
     /// Accepts a voucher if every rule holds; on error nothing changes and the last accepted
     /// state stays in force.
     pub fn accept(

@@ -59,6 +59,8 @@ pub enum PauseReason {
     Backpressure = 2,
     /// Paused at the client's or the application's request.
     Requested = 4,
+    /// The store is unreachable: paid delivery waits until vouchers can be stored again.
+    StoreUnavailable = 8,
 }
 
 /// What the meter asks the client for.

@@ -1,2 +1,418 @@
-//! The only tokio, WebSocket and HTTP code (DESIGN.md sections 4 and 8). Arrives with the
-//! server issue.
+//! The only tokio, WebSocket and HTTP code (DESIGN.md sections 4 and 8): one port serves the
+//! 402 challenge, the WebSocket upgrade, `/healthz` and `/metrics`.
+//!
+//! [`run`] is the entry point, with shutdown as a parameter: tests pass
+//! `std::future::pending()`, `main` passes a SIGINT/SIGTERM future. Shutdown is ordered: stop
+//! accepting, tell sessions (close 1001, resumable, after saving consumption and queuing
+//! claims), wait for them to drain.
+
+mod connection;
+pub mod metrics;
+pub mod resource;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{B256, keccak256};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k256::ecdsa::SigningKey;
+use lru::LruCache;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{debug, info, warn};
+
+use crate::chain::{ChainError, ChannelChain};
+use crate::channel::{ChannelInfo, PayerKeys};
+use crate::meter::Nanos;
+use crate::protocol::{
+    ChannelStreamTerms, DomainTerms, PAYMENT_REQUIRED_HEADER, PROTOCOL, PaymentRequired,
+};
+use crate::session::SessionParams;
+use crate::store::ChannelStore;
+use metrics::Metrics;
+use resource::{Resource, Resources};
+
+/// 1,024 connections at once: each costs a task, a socket and a few kilobytes of buffers.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
+/// Units a resource may produce ahead of delivery (the per-session outbound queue).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// A client must send `open` within 10 s of connecting.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// A connection with no inbound frame (not even a Pong) for 30 s is closed: three missed
+/// heartbeats.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// Channel reads are cached for 2 s: an `open` storm on one channel costs one RPC call, and a
+/// withdrawal request is seen within two seconds.
+pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
+/// A send that takes longer than 5 ms means the client reads slowly: its clock stops.
+pub const DEFAULT_BACKPRESSURE_GRACE_MS: u64 = 5;
+/// How long shutdown waits for sessions to close.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+/// Bounds on what a server holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections at once; taken before `accept`.
+    pub max_connections: usize,
+    /// Units buffered per session.
+    pub queue_capacity: usize,
+    /// Largest client frame or message (bytes).
+    pub max_message_bytes: usize,
+    /// Time to send `open` after connecting.
+    pub handshake_timeout_ms: u64,
+    /// Time without any inbound frame before the connection closes.
+    pub idle_timeout_ms: u64,
+    /// How long a channel read is reused.
+    pub channel_cache_ms: u64,
+    /// Send time after which the client counts as a slow reader.
+    pub backpressure_grace_ms: u64,
+    /// How long shutdown waits for sessions.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_message_bytes: crate::protocol::MAX_MESSAGE_BYTES,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            channel_cache_ms: DEFAULT_CHANNEL_CACHE_MS,
+            backpressure_grace_ms: DEFAULT_BACKPRESSURE_GRACE_MS,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Everything the connections share.
+pub struct ServerState<C, S> {
+    /// Session parameters (domain, payee, tariff, thresholds).
+    pub params: Arc<SessionParams>,
+    /// The chain boundary.
+    pub chain: C,
+    /// The store.
+    pub store: S,
+    /// The resources, by name.
+    pub resources: Resources,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// The payee's key: signs `Close` for cooperative closes.
+    pub payee_key: SigningKey,
+    /// Bounds.
+    pub limits: Limits,
+    /// Base URL clients reach this server at (`http://host:port`), for the 402 challenge.
+    pub public_url: String,
+    /// Resume window advertised in the challenge.
+    pub resume_window_secs: u64,
+    keys: Mutex<PayerKeys>,
+    channels: Mutex<LruCache<B256, (Instant, Option<ChannelInfo>)>>,
+    started: Instant,
+    sessions: AtomicU64,
+}
+
+impl<C, S> std::fmt::Debug for ServerState<C, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
+    /// Server state with default limits.
+    pub fn new(
+        params: SessionParams,
+        chain: C,
+        store: S,
+        resources: Resources,
+        payee_key: SigningKey,
+        public_url: String,
+    ) -> Self {
+        Self {
+            params: Arc::new(params),
+            chain,
+            store,
+            resources,
+            metrics: Metrics::default(),
+            payee_key,
+            limits: Limits::default(),
+            public_url,
+            resume_window_secs: 300,
+            keys: Mutex::new(PayerKeys::default()),
+            channels: Mutex::new(LruCache::new(NonZeroUsize::new(16_384).expect("non-zero"))),
+            started: Instant::now(),
+            sessions: AtomicU64::new(0),
+        }
+    }
+
+    /// Monotonic nanoseconds since the server started: the sessions' clock.
+    pub fn now(&self) -> Nanos {
+        self.started.elapsed().as_nanos() as Nanos
+    }
+
+    fn next_session_id(&self) -> String {
+        let n = self.sessions.fetch_add(1, Ordering::Relaxed);
+        let seed = [
+            &n.to_be_bytes()[..],
+            &self.now().to_be_bytes(),
+            self.public_url.as_bytes(),
+        ]
+        .concat();
+        alloy::hex::encode(&keccak256(seed)[..16])
+    }
+
+    /// The channel as the chain holds it, through a short cache.
+    async fn read_channel(&self, id: B256) -> Result<Option<ChannelInfo>, ChainError> {
+        let ttl = Duration::from_millis(self.limits.channel_cache_ms);
+        if let Some((at, info)) = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            && at.elapsed() < ttl
+        {
+            return Ok(*info);
+        }
+        let info = self.chain.read_channel(id).await?;
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(id, (Instant::now(), info));
+        Ok(info)
+    }
+
+    /// Drops a cached channel read (after this server changed the channel on-chain).
+    fn forget_channel(&self, id: B256) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(&id);
+    }
+
+    /// The 402 challenge for `name`.
+    pub fn challenge(&self, name: &str, resource: &dyn Resource) -> PaymentRequired {
+        let ws = self.public_url.replacen("http", "ws", 1);
+        let terms = ChannelStreamTerms {
+            protocol: PROTOCOL.into(),
+            ws_endpoint: format!("{ws}/ws/{name}"),
+            contract: self.params.domain.contract,
+            domain: DomainTerms::default(),
+            tariff: self.params.tariff,
+            credit_window: self.params.meter.credit_window,
+            min_deposit: self.params.min_deposit,
+            heartbeat_ms: self.params.heartbeat_ms,
+            resume_window_seconds: self.resume_window_secs,
+        };
+        let resource = crate::protocol::Resource {
+            url: format!("{}/{name}", self.public_url),
+            description: resource.description(),
+            mime_type: resource.mime_type(),
+        };
+        PaymentRequired::new(
+            resource,
+            self.params.domain.chain_id,
+            self.params.token,
+            self.params.payee,
+            terms,
+        )
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let has = |name, value: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(value)))
+    };
+    has(CONNECTION, "upgrade") && has(UPGRADE, "websocket")
+}
+
+async fn handle<C: ChannelChain, S: ChannelStore>(
+    mut req: Request<Incoming>,
+    state: Arc<ServerState<C, S>>,
+    stop: watch::Receiver<bool>,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() != Method::GET {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
+    }
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/healthz" => {
+            return Ok(match state.store.ping().await {
+                Ok(()) => text(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
+                Err(e) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    serde_json::json!({"status": "degraded", "store": e.to_string()}).to_string(),
+                ),
+            });
+        }
+        "/metrics" => {
+            return Ok(text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            ));
+        }
+        _ => {}
+    }
+    let name = path
+        .strip_prefix("/ws/")
+        .or_else(|| path.strip_prefix('/'))
+        .unwrap_or_default()
+        .to_string();
+    let Some(resource) = state.resources.get(&name).cloned() else {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such resource\n",
+        ));
+    };
+    if !(path.starts_with("/ws/") && is_upgrade(&req)) {
+        let challenge = state.challenge(&name, resource.as_ref());
+        let mut response = text(
+            StatusCode::PAYMENT_REQUIRED,
+            "application/json",
+            challenge.to_json(),
+        );
+        if let Ok(value) = HeaderValue::from_str(&challenge.header_value()) {
+            response
+                .headers_mut()
+                .insert(PAYMENT_REQUIRED_HEADER, value);
+        }
+        return Ok(response);
+    }
+    let Some(key) = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "missing Sec-WebSocket-Key\n",
+        ));
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(state.limits.max_message_bytes))
+        .max_frame_size(Some(state.limits.max_message_bytes))
+        .max_write_buffer_size(4 * 1024 * 1024);
+    tokio::spawn(async move {
+        let _permit = permit;
+        match hyper::upgrade::on(&mut req).await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                connection::run(state, ws, resource, stop).await;
+            }
+            Err(e) => debug!("upgrade failed: {e}"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        headers.insert("sec-websocket-accept", v);
+    }
+    Ok(response)
+}
+
+/// Serves HTTP and WebSocket on `listener` until `shutdown` completes, then closes every
+/// session with 1001 and waits (up to the drain timeout) for them to finish.
+pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
+    listener: TcpListener,
+    state: Arc<ServerState<C, S>>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(state.limits.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    info!(addr = %listener.local_addr()?, "serving");
+    loop {
+        // The permit is taken before accept, so an overloaded node stops pulling sockets
+        // instead of buffering them.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let stop = stop_rx.clone();
+        let permit = Arc::new(permit);
+        tasks.spawn(async move {
+            let service =
+                service_fn(move |req| handle(req, state.clone(), stop.clone(), permit.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(%peer, "connection ended: {e}");
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    info!("shutting down: closing sessions with 1001");
+    let _ = stop_tx.send(true);
+    let drain = Duration::from_millis(state.limits.drain_timeout_ms);
+    // Sessions hold a connection permit each; all permits back means all sessions closed.
+    let all = u32::try_from(state.limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, connections.acquire_many(all))
+        .await
+        .is_err()
+    {
+        warn!("drain timeout: some sessions did not close in time");
+    }
+    tasks.abort_all();
+    Ok(())
+}

@@ -1,0 +1,545 @@
+//! One WebSocket connection: the only place a session meets the socket, the store, the chain
+//! and the resource. It feeds the session messages, time and I/O results, and performs the
+//! effects the session returns, in order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tracing::{debug, warn};
+
+use super::ServerState;
+use super::metrics::Metrics;
+use super::resource::{Resource, Unit};
+use crate::chain::{ChannelChain, Claim};
+use crate::channel::{Close, signature};
+use crate::meter::Nanos;
+use crate::protocol::{
+    ClientMessage, CloseCode, ProtocolError, ServerMessage, decode_client, encode_server,
+};
+use crate::session::{Effect, Session};
+use crate::store::ChannelStore;
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// What the loop does after applying effects.
+enum Flow {
+    Continue,
+    Closed,
+}
+
+struct Connection<C, S> {
+    state: Arc<ServerState<C, S>>,
+    ws: Ws,
+    resource: Arc<dyn Resource>,
+    session: Option<Session>,
+    /// Units produced and not yet delivered (the per-session outbound queue, bounded).
+    units: Option<mpsc::Receiver<Unit>>,
+    producer: Option<JoinHandle<()>>,
+    /// A unit taken from the queue that could not be paid for yet.
+    held: Option<Unit>,
+    last_inbound: Nanos,
+}
+
+/// Runs a connection until it closes.
+pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
+    state: Arc<ServerState<C, S>>,
+    ws: Ws,
+    resource: Arc<dyn Resource>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let now = state.now();
+    let mut conn = Connection {
+        state,
+        ws,
+        resource,
+        session: None,
+        units: None,
+        producer: None,
+        held: None,
+        last_inbound: now,
+    };
+    let limits = conn.state.limits.clone();
+    let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let opened_by = now + limits.handshake_timeout_ms * 1_000_000;
+    loop {
+        // Deliver what can be paid for before waiting on anything else.
+        if let Flow::Closed = conn.deliver_ready().await {
+            break;
+        }
+        let now = conn.state.now();
+        let wake = match &conn.session {
+            Some(s) => s.next_wakeup(),
+            None => Some(opened_by),
+        };
+        let idle_at = conn.last_inbound + limits.idle_timeout_ms * 1_000_000;
+        let wake = wake.map_or(idle_at, |w| w.min(idle_at));
+        let sleep = tokio::time::sleep(Duration::from_nanos(wake.saturating_sub(now)));
+        let can_take =
+            conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
+        let flow = tokio::select! {
+            biased;
+            _ = stop.changed() => conn.shutdown().await,
+            inbound = conn.ws.next() => conn.on_inbound(inbound).await,
+            unit = recv(&mut conn.units), if can_take => conn.on_unit(unit).await,
+            _ = ping.tick() => {
+                let payload = conn.state.now().to_be_bytes().to_vec();
+                match conn.ws.send(Message::Ping(payload.into())).await {
+                    Ok(()) => Flow::Continue,
+                    Err(_) => conn.disconnected().await,
+                }
+            }
+            _ = sleep => conn.on_timer().await,
+        };
+        if let Flow::Closed = flow {
+            break;
+        }
+    }
+    if let Some(producer) = conn.producer.take() {
+        producer.abort();
+    }
+    if conn.session.take().is_some() {
+        conn.state
+            .metrics
+            .sessions_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn recv(units: &mut Option<mpsc::Receiver<Unit>>) -> Option<Unit> {
+    match units {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn unit_frame(seq: u64, unit: &Unit) -> Message {
+    match unit {
+        Unit::Json(data) => Message::Text(
+            encode_server(&ServerMessage::App {
+                seq,
+                data: data.clone(),
+            })
+            .into(),
+        ),
+        Unit::Binary(bytes) => Message::Binary(bytes.clone().into()),
+    }
+}
+
+fn frame_len(message: &Message) -> u64 {
+    message.len() as u64
+}
+
+impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
+    fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    /// Sends a frame. If the socket does not take it within the backpressure grace, the client
+    /// is a slow reader: the session's clock stops from the moment the send began until it
+    /// completes.
+    async fn send(&mut self, message: Message) -> Result<(), ()> {
+        let start = self.state.now();
+        let grace = Duration::from_millis(self.state.limits.backpressure_grace_ms);
+        let send = self.ws.send(message);
+        tokio::pin!(send);
+        let result = tokio::select! {
+            biased;
+            r = &mut send => r,
+            _ = tokio::time::sleep(grace) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.backpressure(true, start);
+                }
+                let r = send.await;
+                let end = self.state.now();
+                if let Some(s) = self.session.as_mut() {
+                    s.backpressure(false, end);
+                }
+                r
+            }
+        };
+        result.map_err(|e| debug!("send failed: {e}"))
+    }
+
+    async fn close(&mut self, code: CloseCode, reason: &str) -> Flow {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code.as_u16()),
+            reason: reason.to_string().into(),
+        };
+        let _ = self.ws.send(Message::Close(Some(frame))).await;
+        let _ = self.ws.flush().await;
+        Flow::Closed
+    }
+
+    /// Performs effects in order; a `Persist` is awaited and its outcome fed back before the
+    /// next effect.
+    async fn apply(&mut self, effects: Vec<Effect>) -> Flow {
+        let mut queue: VecDeque<Effect> = effects.into();
+        // Once the socket fails, the rest of the effects that do not need it still run (the
+        // claim is queued), and the session is treated as disconnected.
+        let mut broken = false;
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Send(_) | Effect::Close(..) if broken => {}
+                Effect::Send(message) => {
+                    match &message {
+                        ServerMessage::Error { code, .. } => self.metrics().rejected(code),
+                        ServerMessage::Paused { .. } => {
+                            self.metrics().pauses_total.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ServerMessage::VoucherAck { .. } => {
+                            self.metrics()
+                                .vouchers_accepted
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        ServerMessage::Session { .. } => {
+                            self.metrics()
+                                .vouchers_accepted
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    if self
+                        .send(Message::Text(encode_server(&message).into()))
+                        .await
+                        .is_err()
+                    {
+                        broken = true;
+                        let now = self.state.now();
+                        if let Some(session) = self.session.as_mut() {
+                            queue.extend(session.disconnected(now));
+                        }
+                    }
+                }
+                Effect::Persist {
+                    channel_id,
+                    voucher,
+                } => {
+                    let started = std::time::Instant::now();
+                    let result = self.state.store.save_voucher(channel_id, voucher).await;
+                    self.metrics()
+                        .observe_verification(started.elapsed().as_micros() as u64);
+                    let now = self.state.now();
+                    if let Some(session) = self.session.as_mut() {
+                        let more = session.persisted(result, now);
+                        for e in more.into_iter().rev() {
+                            queue.push_front(e);
+                        }
+                    }
+                }
+                Effect::PersistConsumed {
+                    channel_id,
+                    consumed,
+                } => {
+                    if let Err(e) = self.state.store.save_consumed(channel_id, consumed).await {
+                        warn!(%channel_id, "could not save consumption: {e}");
+                    }
+                }
+                Effect::QueueClaim(claim) => {
+                    Metrics::add_amount(&self.metrics().settled_total, claim.amount);
+                    if let Err(e) = self.state.store.queue_claim(claim).await {
+                        warn!(channel_id = %claim.channel_id, "could not queue the final claim: {e}");
+                    }
+                }
+                Effect::CloseChannel(claim) => {
+                    Metrics::add_amount(&self.metrics().settled_total, claim.amount);
+                    let digest = self.state.params.domain.close_digest(&Close {
+                        channelId: claim.channel_id,
+                        amount: claim.amount,
+                    });
+                    let payee_signature = signature::sign_digest(&self.state.payee_key, &digest);
+                    let chain_claim = Claim {
+                        channel_id: claim.channel_id,
+                        nonce: claim.voucher.nonce,
+                        cumulative: claim.voucher.cumulative,
+                        amount: claim.amount,
+                        signature: claim.voucher.signature,
+                    };
+                    if let Err(e) = self
+                        .state
+                        .chain
+                        .close_cooperative(&chain_claim, &payee_signature)
+                        .await
+                    {
+                        // The claim is not lost: the settler takes it instead.
+                        warn!(channel_id = %claim.channel_id, "cooperative close failed, queuing the claim: {e}");
+                        if let Err(e) = self.state.store.queue_claim(claim).await {
+                            warn!(channel_id = %claim.channel_id, "could not queue the final claim: {e}");
+                        }
+                    }
+                    self.state.forget_channel(claim.channel_id);
+                }
+                Effect::Request(body) => {
+                    if let Some(p) = self.producer.take() {
+                        p.abort();
+                    }
+                    let (tx, rx) = mpsc::channel(self.state.limits.queue_capacity);
+                    self.producer = Some(self.resource.start(body, tx));
+                    self.units = Some(rx);
+                    self.held = None;
+                }
+                Effect::Close(code, reason) => {
+                    if let Some(s) = &self.session {
+                        Metrics::add_amount(&self.metrics().consumed_total, s.meter().consumed());
+                    }
+                    return self.close(code, &reason).await;
+                }
+            }
+        }
+        if broken { Flow::Closed } else { Flow::Continue }
+    }
+
+    /// Delivers the held unit if it can now be paid for.
+    async fn deliver_ready(&mut self) -> Flow {
+        if self.held.is_none() || !self.session.as_ref().is_some_and(Session::can_deliver) {
+            return Flow::Continue;
+        }
+        let unit = self.held.take().expect("checked");
+        self.on_unit(Some(unit)).await
+    }
+
+    async fn on_unit(&mut self, unit: Option<Unit>) -> Flow {
+        let Some(unit) = unit else {
+            // The resource finished this request.
+            self.units = None;
+            return Flow::Continue;
+        };
+        let now = self.state.now();
+        let Some(session) = self.session.as_mut() else {
+            return Flow::Continue;
+        };
+        let frame = unit_frame(session.next_seq(), &unit);
+        match session.deliver(frame_len(&frame), now) {
+            Ok(_) => {
+                self.metrics()
+                    .messages_total
+                    .fetch_add(1, Ordering::Relaxed);
+                if self.send(frame).await.is_err() {
+                    return self.disconnected().await;
+                }
+                Flow::Continue
+            }
+            Err(effects) => {
+                self.held = Some(unit);
+                self.apply(effects).await
+            }
+        }
+    }
+
+    async fn on_inbound(
+        &mut self,
+        inbound: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Flow {
+        let now = self.state.now();
+        self.last_inbound = now;
+        let message = match inbound {
+            None => return self.disconnected().await,
+            Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                let error = ProtocolError::TooLarge {
+                    len: 0,
+                    max: self.state.limits.max_message_bytes,
+                };
+                debug!("frame too large: {e}");
+                return self.refuse(&error).await;
+            }
+            Some(Err(e)) => {
+                debug!("websocket error: {e}");
+                return self.disconnected().await;
+            }
+            Some(Ok(m)) => m,
+        };
+        match message {
+            Message::Text(text) => match decode_client(&text) {
+                Ok(message) => self.on_client_message(message, now).await,
+                Err(error) => self.refuse(&error).await,
+            },
+            Message::Binary(_) => self.refuse(&ProtocolError::Binary).await,
+            Message::Pong(payload) => {
+                if let Some(session) = self.session.as_mut() {
+                    if let Ok(sent) = <[u8; 8]>::try_from(payload.as_ref()) {
+                        session.set_rtt(now.saturating_sub(u64::from_be_bytes(sent)));
+                    }
+                    session.pong(now);
+                }
+                Flow::Continue
+            }
+            Message::Ping(_) | Message::Frame(_) => Flow::Continue,
+            Message::Close(_) => self.disconnected().await,
+        }
+    }
+
+    /// Answers a frame that could not be decoded; the session is unchanged.
+    async fn refuse(&mut self, error: &ProtocolError) -> Flow {
+        let data = self.session.as_ref().map(|s| {
+            let a = s.accepted();
+            crate::protocol::ErrorData {
+                nonce: a.nonce,
+                cumulative: a.cumulative,
+                consumed: s.meter().consumed(),
+            }
+        });
+        let mut effects = vec![Effect::Send(ServerMessage::Error {
+            code: error.code().into(),
+            message: error.to_string(),
+            retriable: error.close_code().is_none(),
+            data,
+        })];
+        if let Some(code) = error.close_code() {
+            let now = self.state.now();
+            if let Some(s) = self.session.as_mut() {
+                effects.extend(
+                    s.disconnected(now)
+                        .into_iter()
+                        .filter(|e| !matches!(e, Effect::Close(..))),
+                );
+            }
+            effects.push(Effect::Close(code, error.code().into()));
+        }
+        self.apply(effects).await
+    }
+
+    async fn on_client_message(&mut self, message: ClientMessage, now: Nanos) -> Flow {
+        if let Some(session) = self.session.as_mut() {
+            let effects = {
+                let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
+                session.on_message(message, &mut keys, now)
+            };
+            return self.apply(effects).await;
+        }
+        match message {
+            ClientMessage::Open(msg) => {
+                let info = match self.state.read_channel(msg.channel_id).await {
+                    Ok(info) => info,
+                    Err(e) => {
+                        let effects = vec![Effect::Send(ServerMessage::Error {
+                            code: "chain_unavailable".into(),
+                            message: e.to_string(),
+                            retriable: true,
+                            data: None,
+                        })];
+                        return self.apply(effects).await;
+                    }
+                };
+                let stored = match self.state.store.load(msg.channel_id).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        let effects = vec![Effect::Send(ServerMessage::Error {
+                            code: e.code().into(),
+                            message: e.to_string(),
+                            retriable: true,
+                            data: None,
+                        })];
+                        return self.apply(effects).await;
+                    }
+                };
+                let id = self.state.next_session_id();
+                let now = self.state.now();
+                let opened = {
+                    let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
+                    Session::open(
+                        self.state.params.clone(),
+                        id,
+                        info,
+                        stored,
+                        &msg,
+                        &mut keys,
+                        now,
+                    )
+                };
+                match opened {
+                    Ok((session, effects)) => {
+                        self.session = Some(session);
+                        self.metrics()
+                            .sessions_total
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics()
+                            .sessions_active
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.apply(effects).await
+                    }
+                    Err(effects) => self.apply(effects).await,
+                }
+            }
+            ClientMessage::Resume { .. } => {
+                let effects = vec![
+                    Effect::Send(ServerMessage::Error {
+                        code: "bad_resume_token".into(),
+                        message: "unknown or expired resume token".into(),
+                        retriable: false,
+                        data: None,
+                    }),
+                    Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
+                ];
+                self.apply(effects).await
+            }
+            _ => {
+                let effects = vec![Effect::Send(ServerMessage::Error {
+                    code: "no_session".into(),
+                    message: "send open (or resume) first".into(),
+                    retriable: true,
+                    data: None,
+                })];
+                self.apply(effects).await
+            }
+        }
+    }
+
+    async fn on_timer(&mut self) -> Flow {
+        let now = self.state.now();
+        if now >= self.last_inbound + self.state.limits.idle_timeout_ms * 1_000_000 {
+            let mut effects = Vec::new();
+            if let Some(s) = self.session.as_mut() {
+                effects.extend(
+                    s.disconnected(now)
+                        .into_iter()
+                        .filter(|e| !matches!(e, Effect::Close(..))),
+                );
+            }
+            effects.push(Effect::Close(CloseCode::Policy, "idle".into()));
+            return self.apply(effects).await;
+        }
+        match self.session.as_mut() {
+            Some(session) => {
+                let effects = session.tick(now);
+                self.apply(effects).await
+            }
+            None => self.close(CloseCode::Policy, "open timeout").await,
+        }
+    }
+
+    async fn disconnected(&mut self) -> Flow {
+        let now = self.state.now();
+        if let Some(session) = self.session.as_mut() {
+            let effects: Vec<Effect> = session
+                .disconnected(now)
+                .into_iter()
+                .filter(|e| !matches!(e, Effect::Send(_) | Effect::Close(..)))
+                .collect();
+            let _ = self.apply(effects).await;
+        }
+        Flow::Closed
+    }
+
+    async fn shutdown(&mut self) -> Flow {
+        let now = self.state.now();
+        let effects = match self.session.as_mut() {
+            Some(session) => session.shutdown(now),
+            None => vec![Effect::Close(
+                CloseCode::GoingAway,
+                "server going away".into(),
+            )],
+        };
+        let _ = self.apply(effects).await;
+        Flow::Closed
+    }
+}
