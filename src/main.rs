@@ -22,6 +22,8 @@ enum Command {
     /// Deploy the PaymentChannels contract (key in $PAYSTREAM_DEPLOYER_KEY); prints its address
     /// and chain id as JSON.
     Deploy(cmd::deploy::DeployArgs),
+    /// Serve paid streams (configuration in a TOML file, payee key in $PAYSTREAM_PAYEE_KEY).
+    Serve(cmd::serve::ServeArgs),
 }
 
 /// The tokio runtime for the commands that do I/O.
@@ -35,13 +37,16 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
+        Command::Serve(args) => runtime()
+            .and_then(|rt| rt.block_on(cmd::serve::run(args)))
+            .map(|()| ExitCode::SUCCESS),
         Command::Deploy(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::deploy::run(args)))
             .map(|()| ExitCode::SUCCESS),

@@ -403,7 +403,12 @@ impl Meter {
         }
         self.asked_at = Some(self.cumulative);
         let consumed = self.consumed();
-        let window = self.config.credit_window.max(1);
+        // The step is at least twice the asking threshold: a window smaller than what the
+        // client uses in one round trip would have it signing again as soon as it signed.
+        let d = self.rates.denominator;
+        let threshold = expected.max(floor).saturating_mul(U256::from(2u8));
+        let burn_step: u128 = threshold.div_ceil(d).try_into().unwrap_or(u128::MAX);
+        let window = self.config.credit_window.max(1).max(burn_step);
         let mut suggested = consumed.saturating_add(window);
         if suggested <= self.cumulative {
             suggested = self.cumulative.saturating_add(window);

@@ -320,14 +320,18 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         };
         let frame = unit_frame(session.next_seq(), &unit);
         match session.deliver(frame_len(&frame), now) {
-            Ok(_) => {
+            Ok((_, effects)) => {
                 self.metrics()
                     .messages_total
                     .fetch_add(1, Ordering::Relaxed);
                 if self.send(frame).await.is_err() {
                     return self.disconnected().await;
                 }
-                Flow::Continue
+                if effects.is_empty() {
+                    Flow::Continue
+                } else {
+                    self.apply(effects).await
+                }
             }
             Err(effects) => {
                 self.held = Some(unit);

@@ -393,6 +393,7 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
             let service =
                 service_fn(move |req| handle(req, state.clone(), stop.clone(), permit.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();

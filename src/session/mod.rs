@@ -401,9 +401,10 @@ impl Session {
         self.seq
     }
 
-    /// Tries to deliver one unit of `bytes` bytes: `Ok(seq)` if it is paid for (send it now),
-    /// or the effects of pausing (the unit must wait for a voucher).
-    pub fn deliver(&mut self, bytes: u64, now: Nanos) -> Result<u64, Vec<Effect>> {
+    /// Tries to deliver one unit of `bytes` bytes: `Ok(seq, effects)` if it is paid for (send
+    /// it now, then the effects: a `need_voucher` when credit runs low), or the effects of
+    /// pausing (the unit must wait for a voucher).
+    pub fn deliver(&mut self, bytes: u64, now: Nanos) -> Result<(u64, Vec<Effect>), Vec<Effect>> {
         if !self.can_deliver() {
             return Err(self.pause_effects(now));
         }
@@ -411,7 +412,7 @@ impl Session {
             Ok(()) => {
                 let seq = self.seq;
                 self.seq += 1;
-                Ok(seq)
+                Ok((seq, self.ask_for_voucher(now)))
             }
             Err(_) => Err(self.pause_effects(now)),
         }

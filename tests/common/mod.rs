@@ -4,4 +4,5 @@
 
 pub mod anvil;
 pub mod redis;
+pub mod stack;
 pub mod vectors;

@@ -1,0 +1,278 @@
+//! The server end to end on 127.0.0.1, against a real anvil with the contract deployed and a
+//! real redis-server: paid streams under each kind of tariff, the 402 challenge, and a client
+//! that stops paying.
+
+mod common;
+
+use alloy::primitives::U256;
+use common::stack::{ETH, Options, Stack, payee};
+use paystream::protocol::{ClientMessage, PaymentRequired, ServerMessage};
+use paystream::store::ChannelStore;
+
+/// What a client saw of a stream it paid for promptly.
+#[derive(Debug, Default)]
+struct Paid {
+    messages: u64,
+    bytes: u64,
+    vouchers: u64,
+    paused: u64,
+    receipt: Option<(u128, u128, u128, u128)>,
+    close: Option<u16>,
+}
+
+/// Opens a session, requests `tokens` tokens, answers every `need_voucher` at once, closes after
+/// the last token and returns what it saw.
+async fn pay_for_stream(
+    stack: &Stack,
+    salt: u8,
+    deposit: u128,
+    window: u128,
+    tokens: u64,
+) -> (Paid, alloy::primitives::B256) {
+    let id = stack.open_channel(payee(), salt, deposit).await;
+    let mut c = stack.client(id).await;
+    let opened = c.open(1, window).await;
+    assert!(
+        matches!(opened, ServerMessage::Session { .. }),
+        "{opened:?}"
+    );
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": tokens }),
+    })
+    .await;
+    let mut nonce = 1;
+    let mut seen = Paid::default();
+    while let Some(m) = c.recv().await {
+        match m {
+            ServerMessage::App { seq, data } => {
+                assert_eq!(seq, seen.messages, "in order, none skipped");
+                let frame = paystream::protocol::encode_server(&ServerMessage::App { seq, data });
+                seen.bytes += frame.len() as u64;
+                seen.messages += 1;
+                if seen.messages == tokens {
+                    c.send(&ClientMessage::Close {
+                        close_channel: false,
+                    })
+                    .await;
+                }
+            }
+            ServerMessage::NeedVoucher { suggested, .. } => {
+                nonce += 1;
+                seen.vouchers += 1;
+                let v = c.voucher(nonce, suggested);
+                c.send(&ClientMessage::Voucher(v)).await;
+            }
+            ServerMessage::Paused { .. } => seen.paused += 1,
+            ServerMessage::Receipt {
+                consumed,
+                settled_amount,
+                refund,
+                cumulative,
+                ..
+            } => {
+                seen.receipt = Some((consumed, settled_amount, refund, cumulative));
+            }
+            ServerMessage::Error { code, message, .. } => {
+                panic!("unexpected error {code}: {message}")
+            }
+            _ => {}
+        }
+    }
+    seen.close = c.close_code;
+    (seen, id)
+}
+
+async fn queued_claim(stack: &Stack, id: alloy::primitives::B256) -> u128 {
+    let claims = stack.state.store.pending_claims(100).await.unwrap();
+    claims
+        .iter()
+        .find(|c| c.channel_id == id)
+        .expect("the final claim is queued")
+        .amount
+}
+
+/// A token stream at 500 tokens per second: fast, but a steady rate, as a served model is.
+fn streaming(tariff: &str) -> Options {
+    let mut options = Options::new(tariff);
+    options.tokens_per_sec = 500;
+    options
+}
+
+fn ceil_div(n: u128, d: u128) -> u128 {
+    n.div_ceil(d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_message_stream_settles_the_exact_ceiling() {
+    // 0.7 base units per token.
+    let stack = Stack::start(streaming(r#"{"perMessage":{"amount":"7","per":"10"}}"#)).await;
+    let deposit = ETH;
+    let (seen, id) = pay_for_stream(&stack, 1, deposit, 50, 300).await;
+    assert_eq!(seen.messages, 300);
+    assert_eq!(seen.paused, 0, "a prompt client is never paused");
+    assert!(seen.vouchers >= 1, "credit was extended while streaming");
+    let (consumed, settled, refund, cumulative) = seen.receipt.expect("a receipt");
+    assert_eq!(consumed, ceil_div(300 * 7, 10));
+    assert_eq!(settled, consumed);
+    assert!(settled <= cumulative);
+    assert_eq!(refund, deposit - settled);
+    assert_eq!(queued_claim(&stack, id).await, settled);
+    assert_eq!(seen.close, Some(1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_byte_stream_settles_the_exact_ceiling() {
+    // 3 base units per 7 bytes out.
+    let stack = Stack::start(streaming(r#"{"perByteOut":{"amount":"3","per":"7"}}"#)).await;
+    let (seen, id) = pay_for_stream(&stack, 2, ETH, 400, 250).await;
+    assert_eq!(seen.messages, 250);
+    assert_eq!(seen.paused, 0);
+    let (consumed, settled, refund, _) = seen.receipt.unwrap();
+    assert_eq!(
+        consumed,
+        ceil_div(u128::from(seen.bytes) * 3, 7),
+        "every byte the client received, exactly"
+    );
+    assert_eq!((settled, refund), (consumed, ETH - consumed));
+    assert_eq!(queued_claim(&stack, id).await, settled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_second_stream_charges_connected_time() {
+    // 1,000 base units per second; 100 tokens at 100 per second: about one second.
+    let mut options = Options::new(r#"{"perSecond":{"amount":"1000","per":"1"}}"#);
+    options.tokens_per_sec = 100;
+    let stack = Stack::start(options).await;
+    let started = std::time::Instant::now();
+    let (seen, id) = pay_for_stream(&stack, 3, ETH, 600, 100).await;
+    let wall = started.elapsed().as_nanos();
+    assert_eq!(seen.messages, 100);
+    assert_eq!(seen.paused, 0);
+    let (consumed, settled, refund, cumulative) = seen.receipt.unwrap();
+    // At least the ~0.99 s the tokens took, at most the whole wall time of the test.
+    assert!(consumed >= 900, "{consumed}");
+    assert!(
+        consumed <= ceil_div(wall * 1000, 1_000_000_000),
+        "{consumed} for {wall} ns"
+    );
+    assert!(settled <= cumulative);
+    assert_eq!((settled, refund), (consumed, ETH - consumed));
+    assert_eq!(queued_claim(&stack, id).await, settled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_stream_settles_within_the_accepted_cumulative() {
+    let options = streaming(
+        r#"{"perMessage":{"amount":"1","per":"3"},"perSecond":{"amount":"100","per":"1"},"perByteOut":{"amount":"1","per":"10"},"perByteIn":{"amount":"1","per":"1"}}"#,
+    );
+    let stack = Stack::start(options).await;
+    let (seen, id) = pay_for_stream(&stack, 4, ETH, 300, 200).await;
+    assert_eq!(seen.messages, 200);
+    assert_eq!(seen.paused, 0);
+    let (consumed, settled, refund, cumulative) = seen.receipt.unwrap();
+    // Messages and bytes are known exactly to the client; time adds to them.
+    let request = serde_json::to_vec(&serde_json::json!({ "maxTokens": 200 }))
+        .unwrap()
+        .len() as u128;
+    let floor = (200 * 10 + u128::from(seen.bytes) * 3 + request * 30) / 30;
+    assert!(consumed >= floor, "{consumed} < {floor}");
+    assert!(settled <= cumulative);
+    assert_eq!((settled, refund), (consumed, ETH - consumed));
+    assert_eq!(queued_claim(&stack, id).await, settled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_402_challenge_is_an_x402_v2_payment_required() {
+    let stack = Stack::start(Options::new(
+        r#"{"perMessage":{"amount":"3","per":"1000"}}"#,
+    ))
+    .await;
+    for path in ["/tokens", "/ws/tokens"] {
+        let response = reqwest_get(&format!("{}{path}", stack.url)).await;
+        assert_eq!(response.0, 402);
+        let header = response.1.expect("PAYMENT-REQUIRED header");
+        let from_header = PaymentRequired::from_header(&header).unwrap();
+        let from_body: PaymentRequired = serde_json::from_str(&response.2).unwrap();
+        assert_eq!(from_header, from_body, "header and body identical");
+        let body: serde_json::Value = serde_json::from_str(&response.2).unwrap();
+        assert_eq!(body["x402Version"], 2);
+        let accept = from_body.channel_stream().expect("channel-stream offered");
+        assert_eq!(accept.network, format!("eip155:{}", stack.chain_id));
+        assert_eq!(accept.pay_to, payee());
+        assert_eq!(accept.extra.contract, stack.contract);
+        assert_eq!(
+            accept.extra.ws_endpoint,
+            format!("{}/ws/tokens", stack.url.replacen("http", "ws", 1))
+        );
+        assert_eq!(accept.extra.tariff.per_message.unwrap().per, 1000);
+    }
+    assert_eq!(reqwest_get(&format!("{}/nothing", stack.url)).await.0, 404);
+    let health = reqwest_get(&format!("{}/healthz", stack.url)).await;
+    assert_eq!(health.0, 200);
+    let metrics = reqwest_get(&format!("{}/metrics", stack.url)).await;
+    assert!(metrics.2.contains("paystream_sessions_active"));
+}
+
+/// (status, PAYMENT-REQUIRED header, body) over a plain TCP HTTP/1.1 request.
+async fn reqwest_get(url: &str) -> (u16, Option<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let header = head.lines().find_map(|l| {
+        l.split_once(':')
+            .filter(|(k, _)| k.eq_ignore_ascii_case("payment-required"))
+            .map(|(_, v)| v.trim().to_string())
+    });
+    (status, header, body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_paying_gets_nothing_unpaid() {
+    let mut options = Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#);
+    options.params = Box::new(|p| p.voucher_deadline_ms = 1_000);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 9, ETH).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 25).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 1000 }),
+    })
+    .await;
+    let (seen, code) = c.drain().await;
+    let delivered = seen
+        .iter()
+        .filter(|m| matches!(m, ServerMessage::App { .. }))
+        .count();
+    assert_eq!(
+        delivered, 25,
+        "exactly what the accepted cumulative pays for"
+    );
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, ServerMessage::NeedVoucher { .. }))
+    );
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, ServerMessage::Paused { reason } if reason == "credit_exhausted"))
+    );
+    assert_eq!(code, Some(4408), "closed at the voucher deadline");
+    assert_eq!(
+        stack.state.store.pending_claims(10).await.unwrap()[0].amount,
+        25
+    );
+    let _ = U256::ZERO;
+}
