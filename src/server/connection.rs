@@ -437,12 +437,17 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                 let stored = match self.state.store.load(msg.channel_id).await {
                     Ok(stored) => stored,
                     Err(e) => {
-                        let effects = vec![Effect::Send(ServerMessage::Error {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                            retriable: true,
-                            data: None,
-                        })];
+                        // Nothing can be accepted without the store: close (1011) so the
+                        // client retries later, possibly on another server.
+                        let effects = vec![
+                            Effect::Send(ServerMessage::Error {
+                                code: e.code().into(),
+                                message: e.to_string(),
+                                retriable: true,
+                                data: None,
+                            }),
+                            Effect::Close(CloseCode::Internal, e.code().into()),
+                        ];
                         return self.apply(effects).await;
                     }
                 };

@@ -166,6 +166,28 @@ impl Stack {
     }
 }
 
+/// A voucher message for `channel` signed with `key`.
+pub fn sign_voucher(
+    domain: &ChannelDomain,
+    key: &SigningKey,
+    channel: B256,
+    nonce: u64,
+    cumulative: u128,
+) -> SignedStateMsg {
+    let state = ChannelState {
+        channelId: channel,
+        nonce,
+        cumulative,
+    };
+    let sig = signature::sign_digest(key, &domain.state_digest(&state));
+    SignedStateMsg {
+        channel_id: channel,
+        nonce,
+        cumulative,
+        signature: signature::to_bytes(&sig).to_vec().into(),
+    }
+}
+
 /// A protocol client for tests: signs with the payer's key.
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
