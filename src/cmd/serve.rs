@@ -22,6 +22,9 @@ use tracing::info;
 
 /// Environment variable holding the payee's private key.
 pub const PAYEE_KEY_ENV: &str = "PAYSTREAM_PAYEE_KEY";
+/// Environment variable holding the resume tokens' secret (32 bytes or more; the same on every
+/// process sharing one Redis).
+pub const JWT_SECRET_ENV: &str = "PAYSTREAM_JWT_SECRET";
 
 /// Flags of `paystream serve`.
 #[derive(Debug, Args)]
@@ -92,7 +95,18 @@ async fn serve_with<S: ChannelStore>(
         config.public_url(),
     );
     state.limits = config.limits.limits();
-    state.resume_window_secs = config.session.resume_window_secs;
+    match std::env::var(JWT_SECRET_ENV) {
+        Ok(secret) if secret.len() >= 32 => {
+            state.set_resume(secret.as_bytes(), config.session.resume_window_secs)
+        }
+        Ok(_) => anyhow::bail!("{JWT_SECRET_ENV} must be at least 32 bytes"),
+        // No default secret: a random one per process (resume tokens do not survive a restart).
+        Err(_) => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).context("reading OS randomness")?;
+            state.set_resume(&secret, config.session.resume_window_secs);
+        }
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

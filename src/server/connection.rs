@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -48,6 +48,8 @@ struct Connection<C, S> {
     /// A unit taken from the queue that could not be paid for yet.
     held: Option<Unit>,
     last_inbound: Nanos,
+    /// Fires when another connection resumes this session (close with 4409).
+    kick: Option<oneshot::Receiver<()>>,
 }
 
 /// Runs a connection until it closes.
@@ -67,6 +69,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
         producer: None,
         held: None,
         last_inbound: now,
+        kick: None,
     };
     let limits = conn.state.limits.clone();
     let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
@@ -90,6 +93,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
         let flow = tokio::select! {
             biased;
             _ = stop.changed() => conn.shutdown().await,
+            _ = kicked(&mut conn.kick) => conn.superseded().await,
             inbound = conn.ws.next() => conn.on_inbound(inbound).await,
             unit = recv(&mut conn.units), if can_take => conn.on_unit(unit).await,
             _ = ping.tick() => {
@@ -108,11 +112,18 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
     if let Some(producer) = conn.producer.take() {
         producer.abort();
     }
-    if conn.session.take().is_some() {
-        conn.state
-            .metrics
-            .sessions_active
-            .fetch_sub(1, Ordering::Relaxed);
+    conn.release().await;
+}
+
+async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
+    match kick {
+        Some(rx) => {
+            if rx.await.is_err() {
+                // The registry dropped the sender (the slot was removed): never fires.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -214,11 +225,8 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                         .await
                         .is_err()
                     {
+                        // The session is suspended and parked when the connection ends.
                         broken = true;
-                        let now = self.state.now();
-                        if let Some(session) = self.session.as_mut() {
-                            queue.extend(session.disconnected(now));
-                        }
                     }
                 }
                 Effect::Persist {
@@ -452,12 +460,14 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     }
                 };
                 let id = self.state.next_session_id();
+                let (token, kick) = self.state.registry.admit(&id, msg.channel_id);
                 let now = self.state.now();
                 let opened = {
                     let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
                     Session::open(
                         self.state.params.clone(),
-                        id,
+                        id.clone(),
+                        token,
                         info,
                         stored,
                         &msg,
@@ -468,6 +478,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                 match opened {
                     Ok((session, effects)) => {
                         self.session = Some(session);
+                        self.kick = Some(kick);
                         self.metrics()
                             .sessions_total
                             .fetch_add(1, Ordering::Relaxed);
@@ -476,21 +487,37 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                             .fetch_add(1, Ordering::Relaxed);
                         self.apply(effects).await
                     }
-                    Err(effects) => self.apply(effects).await,
+                    Err(effects) => {
+                        self.state.registry.remove(&id);
+                        self.apply(effects).await
+                    }
                 }
             }
-            ClientMessage::Resume { .. } => {
-                let effects = vec![
-                    Effect::Send(ServerMessage::Error {
-                        code: "bad_resume_token".into(),
-                        message: "unknown or expired resume token".into(),
-                        retriable: false,
-                        data: None,
-                    }),
-                    Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
-                ];
-                self.apply(effects).await
-            }
+            ClientMessage::Resume { token } => match self.state.registry.resume(&token).await {
+                Ok(claimed) => {
+                    let mut session = claimed.session;
+                    let now = self.state.now();
+                    let effects = session.resume(claimed.token, now);
+                    self.session = Some(session);
+                    self.kick = Some(claimed.kick);
+                    self.metrics()
+                        .sessions_active
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.apply(effects).await
+                }
+                Err(e) => {
+                    let effects = vec![
+                        Effect::Send(ServerMessage::Error {
+                            code: "bad_resume_token".into(),
+                            message: e.to_string(),
+                            retriable: false,
+                            data: None,
+                        }),
+                        Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
+                    ];
+                    self.apply(effects).await
+                }
+            },
             _ => {
                 let effects = vec![Effect::Send(ServerMessage::Error {
                     code: "no_session".into(),
@@ -506,16 +533,8 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
     async fn on_timer(&mut self) -> Flow {
         let now = self.state.now();
         if now >= self.last_inbound + self.state.limits.idle_timeout_ms * 1_000_000 {
-            let mut effects = Vec::new();
-            if let Some(s) = self.session.as_mut() {
-                effects.extend(
-                    s.disconnected(now)
-                        .into_iter()
-                        .filter(|e| !matches!(e, Effect::Close(..))),
-                );
-            }
-            effects.push(Effect::Close(CloseCode::Policy, "idle".into()));
-            return self.apply(effects).await;
+            // Parked on release: the client can resume within the window.
+            return self.close(CloseCode::Policy, "idle").await;
         }
         match self.session.as_mut() {
             Some(session) => {
@@ -526,29 +545,60 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
     }
 
+    /// The socket is gone: the session is suspended and parked when the loop ends.
     async fn disconnected(&mut self) -> Flow {
+        Flow::Closed
+    }
+
+    /// Shutdown: the session is saved and parked (resumable), the client told 1001.
+    async fn shutdown(&mut self) -> Flow {
+        self.suspend().await;
+        self.close(CloseCode::GoingAway, "server going away").await
+    }
+
+    /// Another connection resumed this session: save, and close with 4409.
+    async fn superseded(&mut self) -> Flow {
+        self.kick = None;
+        self.suspend().await;
+        self.close(CloseCode::SessionSuperseded, "session superseded")
+            .await
+    }
+
+    /// Stops the session's clock and saves what it owes (it stays resumable).
+    async fn suspend(&mut self) {
         let now = self.state.now();
         if let Some(session) = self.session.as_mut() {
-            let effects: Vec<Effect> = session
+            let effects = session.suspend(now);
+            let _ = self.apply(effects).await;
+        }
+    }
+
+    /// The connection ends: an open session is suspended and parked for resume (or finished
+    /// if it cannot be parked); a closed one leaves the registry.
+    async fn release(&mut self) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        self.state
+            .metrics
+            .sessions_active
+            .fetch_sub(1, Ordering::Relaxed);
+        if !session.is_open() {
+            self.state.registry.remove(session.id());
+            return;
+        }
+        let now = self.state.now();
+        let effects = session.suspend(now);
+        let id = session.id().to_string();
+        let _ = self.apply(effects).await;
+        if let Some(mut unparked) = self.state.registry.park(session) {
+            let effects: Vec<Effect> = unparked
                 .disconnected(now)
                 .into_iter()
                 .filter(|e| !matches!(e, Effect::Send(_) | Effect::Close(..)))
                 .collect();
             let _ = self.apply(effects).await;
+            self.state.registry.remove(&id);
         }
-        Flow::Closed
-    }
-
-    async fn shutdown(&mut self) -> Flow {
-        let now = self.state.now();
-        let effects = match self.session.as_mut() {
-            Some(session) => session.shutdown(now),
-            None => vec![Effect::Close(
-                CloseCode::GoingAway,
-                "server going away".into(),
-            )],
-        };
-        let _ = self.apply(effects).await;
-        Flow::Closed
     }
 }

@@ -8,6 +8,7 @@
 
 mod connection;
 pub mod metrics;
+mod registry;
 pub mod resource;
 
 use std::convert::Infallible;
@@ -41,6 +42,7 @@ use crate::protocol::{
     ChannelStreamTerms, DomainTerms, PAYMENT_REQUIRED_HEADER, PROTOCOL, PaymentRequired,
 };
 use crate::session::SessionParams;
+use crate::session::resume::ResumeKeys;
 use crate::store::ChannelStore;
 use metrics::Metrics;
 use resource::{Resource, Resources};
@@ -59,6 +61,8 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
 /// A send that takes longer than 5 ms means the client reads slowly: its clock stops.
 pub const DEFAULT_BACKPRESSURE_GRACE_MS: u64 = 5;
+/// A disconnected session can be resumed for 5 minutes (DESIGN.md section 6).
+pub const DEFAULT_RESUME_WINDOW_SECS: u64 = 300;
 /// How long shutdown waits for sessions to close.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 
@@ -118,6 +122,8 @@ pub struct ServerState<C, S> {
     pub public_url: String,
     /// Resume window advertised in the challenge.
     pub resume_window_secs: u64,
+    /// Sessions that can be resumed.
+    pub registry: registry::Registry,
     keys: Mutex<PayerKeys>,
     channels: Mutex<LruCache<B256, (Instant, Option<ChannelInfo>)>>,
     started: Instant,
@@ -151,12 +157,28 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
             payee_key,
             limits: Limits::default(),
             public_url,
-            resume_window_secs: 300,
+            resume_window_secs: DEFAULT_RESUME_WINDOW_SECS,
+            registry: registry::Registry::new(
+                ResumeKeys::new(&random_secret()),
+                Duration::from_secs(DEFAULT_RESUME_WINDOW_SECS),
+                DEFAULT_MAX_CONNECTIONS * 4,
+            ),
             keys: Mutex::new(PayerKeys::default()),
             channels: Mutex::new(LruCache::new(NonZeroUsize::new(16_384).expect("non-zero"))),
             started: Instant::now(),
             sessions: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the resume tokens' secret (shared by the processes behind one Redis) and the resume
+    /// window. Without it, a random secret is used: tokens then do not survive a restart.
+    pub fn set_resume(&mut self, secret: &[u8], window_secs: u64) {
+        self.resume_window_secs = window_secs;
+        self.registry = registry::Registry::new(
+            ResumeKeys::new(secret),
+            Duration::from_secs(window_secs),
+            self.limits.max_connections.saturating_mul(4),
+        );
     }
 
     /// Monotonic nanoseconds since the server started: the sessions' clock.
@@ -230,6 +252,13 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
             terms,
         )
     }
+}
+
+/// 32 random bytes from the OS.
+fn random_secret() -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).expect("the OS provides randomness");
+    secret
 }
 
 type Body = Full<Bytes>;

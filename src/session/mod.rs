@@ -24,6 +24,8 @@ use crate::meter::{Meter, MeterConfig, Nanos, PauseReason, Tariff};
 use crate::protocol::{ClientMessage, CloseCode, ErrorData, ServerMessage, SignedStateMsg};
 use crate::store::{PendingClaim, StoreError, StoredChannel, StoredVoucher};
 
+pub mod resume;
+
 /// 30 s to answer `need_voucher` before the session closes with 4408: well above any round
 /// trip, well below the time a client could stream on an unpaid promise.
 pub const DEFAULT_VOUCHER_DEADLINE_MS: u64 = 30_000;
@@ -119,6 +121,8 @@ pub struct Session {
     next_usage: Nanos,
     recent_vouchers: VecDeque<Nanos>,
     persisted_consumed: u128,
+    /// The current resume token (rotated on every resume).
+    resume_token: String,
 }
 
 /// `error` with the channel's accepted state, so the client can re-sync.
@@ -157,6 +161,7 @@ impl Session {
     pub fn open(
         params: Arc<SessionParams>,
         id: String,
+        resume_token: String,
         info: Option<ChannelInfo>,
         stored: Option<StoredChannel>,
         msg: &SignedStateMsg,
@@ -229,6 +234,7 @@ impl Session {
             next_usage,
             recent_vouchers: VecDeque::new(),
             persisted_consumed: consumed,
+            resume_token,
         };
         let repeats_stored = accepted.nonce == voucher.state.nonce
             && accepted.cumulative == voucher.state.cumulative
@@ -265,7 +271,7 @@ impl Session {
         let accepted = *self.channel.accepted();
         let message = ServerMessage::Session {
             session_id: self.id.clone(),
-            resume_token: String::new(),
+            resume_token: self.resume_token.clone(),
             channel_id: self.channel.info().id,
             nonce: accepted.nonce,
             cumulative: accepted.cumulative,
@@ -656,6 +662,55 @@ impl Session {
         }]
     }
 
+    /// The connection dropped without `close`, and the session may be resumed: the clock stops,
+    /// consumption is saved and the claim queued (a later, larger claim replaces it), but the
+    /// session stays open for [`Session::resume`].
+    pub fn suspend(&mut self, now: Nanos) -> Vec<Effect> {
+        if self.phase != Phase::Open {
+            return Vec::new();
+        }
+        self.meter.disconnect(now);
+        let mut effects: Vec<Effect> = self.persist_consumed().into_iter().collect();
+        effects.extend(self.final_claim(false));
+        effects
+    }
+
+    /// The client came back with the session's resume token on a new connection: the session
+    /// goes on with its balance and state, under a new token.
+    pub fn resume(&mut self, resume_token: String, now: Nanos) -> Vec<Effect> {
+        if self.phase != Phase::Open {
+            return Vec::new();
+        }
+        self.resume_token = resume_token;
+        self.paused_sent = false;
+        self.pending = None;
+        self.opened(now)
+    }
+
+    /// The claim to settle what was consumed, or the cooperative close, if there is one.
+    fn final_claim(&self, close_channel: bool) -> Option<Effect> {
+        let accepted = *self.channel.accepted();
+        let info = self.channel.info();
+        let signature = accepted.signature?;
+        let amount = self.meter.consumed().min(accepted.cumulative);
+        let claim = PendingClaim {
+            channel_id: info.id,
+            voucher: StoredVoucher {
+                nonce: accepted.nonce,
+                cumulative: accepted.cumulative,
+                signature,
+            },
+            amount,
+        };
+        if close_channel {
+            Some(Effect::CloseChannel(claim))
+        } else if amount > info.claimed {
+            Some(Effect::QueueClaim(claim))
+        } else {
+            None
+        }
+    }
+
     /// The client disconnected without `close`: the clock stops, consumption is saved and the
     /// claim queued (a later claim for more replaces it).
     pub fn disconnected(&mut self, now: Nanos) -> Vec<Effect> {
@@ -663,14 +718,6 @@ impl Session {
             return Vec::new();
         }
         self.finish(false, CloseCode::Normal, now, false)
-    }
-
-    /// The server is shutting down: close with 1001 (resumable) after saving.
-    pub fn shutdown(&mut self, now: Nanos) -> Vec<Effect> {
-        if self.phase == Phase::Closed {
-            return Vec::new();
-        }
-        self.finish(false, CloseCode::GoingAway, now, false)
     }
 
     /// Ends the session: stops the meter, saves consumption, queues the final claim (or closes
@@ -694,22 +741,7 @@ impl Session {
         let info = *self.channel.info();
         let amount = self.meter.consumed().min(accepted.cumulative);
         effects.extend(self.persist_consumed());
-        if let Some(signature) = accepted.signature {
-            let claim = PendingClaim {
-                channel_id: info.id,
-                voucher: StoredVoucher {
-                    nonce: accepted.nonce,
-                    cumulative: accepted.cumulative,
-                    signature,
-                },
-                amount,
-            };
-            if close_channel {
-                effects.push(Effect::CloseChannel(claim));
-            } else if amount > info.claimed {
-                effects.push(Effect::QueueClaim(claim));
-            }
-        }
+        effects.extend(self.final_claim(close_channel));
         if receipt {
             effects.push(Effect::Send(ServerMessage::Receipt {
                 nonce: accepted.nonce,
