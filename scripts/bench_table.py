@@ -16,6 +16,9 @@ TABLES = {
     "meter": [
         ("meter_event", None),
     ],
+    "stream": [
+        ("stream_throughput", "unpaid"),
+    ],
 }
 
 

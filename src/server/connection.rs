@@ -31,6 +31,13 @@ use crate::store::ChannelStore;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// Units delivered back to back before the loop looks at the socket and timers again: enough
+/// to amortize the loop, few enough that a voucher never waits behind a long burst.
+const BATCH_UNITS: usize = 32;
+
+/// How long a closing connection waits for the client's Close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
 /// What the loop does after applying effects.
 enum Flow {
     Continue,
@@ -75,6 +82,9 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
     let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let opened_by = now + limits.handshake_timeout_ms * 1_000_000;
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    let mut armed: Nanos = 0;
     loop {
         // Deliver what can be paid for before waiting on anything else.
         if let Flow::Closed = conn.deliver_ready().await {
@@ -87,7 +97,14 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
         };
         let idle_at = conn.last_inbound + limits.idle_timeout_ms * 1_000_000;
         let wake = wake.map_or(idle_at, |w| w.min(idle_at));
-        let sleep = tokio::time::sleep(Duration::from_nanos(wake.saturating_sub(now)));
+        // One timer for the connection, moved only when the next deadline is earlier than the
+        // armed one or the armed one has passed (waking early is harmless: tick does nothing).
+        if wake < armed || armed <= now {
+            armed = wake;
+            sleep.as_mut().reset(
+                tokio::time::Instant::now() + Duration::from_nanos(wake.saturating_sub(now)),
+            );
+        }
         let can_take =
             conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
         let flow = tokio::select! {
@@ -95,7 +112,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
             _ = stop.changed() => conn.shutdown().await,
             _ = kicked(&mut conn.kick) => conn.superseded().await,
             inbound = conn.ws.next() => conn.on_inbound(inbound).await,
-            unit = recv(&mut conn.units), if can_take => conn.on_unit(unit).await,
+            unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
             _ = ping.tick() => {
                 let payload = conn.state.now().to_be_bytes().to_vec();
                 match conn.ws.send(Message::Ping(payload.into())).await {
@@ -103,7 +120,10 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
                     Err(_) => conn.disconnected().await,
                 }
             }
-            _ = sleep => conn.on_timer().await,
+            _ = &mut sleep => {
+                armed = 0;
+                conn.on_timer().await
+            }
         };
         if let Flow::Closed = flow {
             break;
@@ -156,18 +176,17 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         &self.state.metrics
     }
 
-    /// Sends a frame. If the socket does not take it within the backpressure grace, the client
-    /// is a slow reader: the session's clock stops from the moment the send began until it
-    /// completes.
+    /// Sends a frame. If the socket does not take it at once, the client is reading slower
+    /// than we write: the session's clock stops from the moment the send began until it
+    /// completes, so the client is not charged for the wait. (No timer per message: the send
+    /// is polled once, and only a pending send pays for the bookkeeping.)
     async fn send(&mut self, message: Message) -> Result<(), ()> {
-        let start = self.state.now();
-        let grace = Duration::from_millis(self.state.limits.backpressure_grace_ms);
         let send = self.ws.send(message);
         tokio::pin!(send);
-        let result = tokio::select! {
-            biased;
-            r = &mut send => r,
-            _ = tokio::time::sleep(grace) => {
+        let result = match futures_util::poll!(send.as_mut()) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => {
+                let start = self.state.now();
                 if let Some(s) = self.session.as_mut() {
                     s.backpressure(true, start);
                 }
@@ -189,6 +208,17 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         };
         let _ = self.ws.send(Message::Close(Some(frame))).await;
         let _ = self.ws.flush().await;
+        // The closing handshake: read (and drop) what the client still sends until its Close,
+        // so the socket is not reset with unread data, which could discard the frames above
+        // before the client reads them. Bounded: a client that never answers is cut off.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(message)) = self.ws.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
         Flow::Closed
     }
 
@@ -314,6 +344,29 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
         let unit = self.held.take().expect("checked");
         self.on_unit(Some(unit)).await
+    }
+
+    /// Delivers `unit`, then up to [`BATCH_UNITS`] more that are already queued, before the
+    /// loop looks at the socket and the timers again.
+    async fn on_units(&mut self, unit: Option<Unit>) -> Flow {
+        let mut next = unit;
+        for _ in 0..BATCH_UNITS {
+            let more = next.is_some();
+            if let Flow::Closed = self.on_unit(next).await {
+                return Flow::Closed;
+            }
+            if !more
+                || self.held.is_some()
+                || !self.session.as_ref().is_some_and(Session::can_deliver)
+            {
+                break;
+            }
+            next = match self.units.as_mut().map(mpsc::Receiver::try_recv) {
+                Some(Ok(unit)) => Some(unit),
+                _ => break,
+            };
+        }
+        Flow::Continue
     }
 
     async fn on_unit(&mut self, unit: Option<Unit>) -> Flow {
@@ -552,25 +605,18 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
 
     /// Shutdown: the session is saved and parked (resumable), the client told 1001.
     async fn shutdown(&mut self) -> Flow {
-        self.suspend().await;
+        self.release().await;
         self.close(CloseCode::GoingAway, "server going away").await
     }
 
     /// Another connection resumed this session: save, and close with 4409.
     async fn superseded(&mut self) -> Flow {
         self.kick = None;
-        self.suspend().await;
+        // Park first, so the resuming connection gets the session without waiting for this
+        // one's closing handshake.
+        self.release().await;
         self.close(CloseCode::SessionSuperseded, "session superseded")
             .await
-    }
-
-    /// Stops the session's clock and saves what it owes (it stays resumable).
-    async fn suspend(&mut self) {
-        let now = self.state.now();
-        if let Some(session) = self.session.as_mut() {
-            let effects = session.suspend(now);
-            let _ = self.apply(effects).await;
-        }
     }
 
     /// The connection ends: an open session is suspended and parked for resume (or finished

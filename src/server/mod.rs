@@ -59,8 +59,6 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Channel reads are cached for 2 s: an `open` storm on one channel costs one RPC call, and a
 /// withdrawal request is seen within two seconds.
 pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
-/// A send that takes longer than 5 ms means the client reads slowly: its clock stops.
-pub const DEFAULT_BACKPRESSURE_GRACE_MS: u64 = 5;
 /// A disconnected session can be resumed for 5 minutes (DESIGN.md section 6).
 pub const DEFAULT_RESUME_WINDOW_SECS: u64 = 300;
 /// How long shutdown waits for sessions to close.
@@ -81,8 +79,6 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// How long a channel read is reused.
     pub channel_cache_ms: u64,
-    /// Send time after which the client counts as a slow reader.
-    pub backpressure_grace_ms: u64,
     /// How long shutdown waits for sessions.
     pub drain_timeout_ms: u64,
 }
@@ -96,7 +92,6 @@ impl Default for Limits {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             channel_cache_ms: DEFAULT_CHANNEL_CACHE_MS,
-            backpressure_grace_ms: DEFAULT_BACKPRESSURE_GRACE_MS,
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
         }
     }

@@ -232,6 +232,15 @@ impl Client {
         self.send_text(&encode_client(message)).await;
     }
 
+    /// Sends without failing the test when the server already closed (a flood test races the
+    /// server's close).
+    pub async fn try_send(&mut self, message: &ClientMessage) -> bool {
+        self.ws
+            .send(Message::Text(encode_client(message).into()))
+            .await
+            .is_ok()
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws
             .send(Message::Text(text.to_string().into()))
@@ -252,6 +261,8 @@ impl Client {
                 }
                 Some(Ok(Message::Close(frame))) => {
                     self.close_code = frame.map(|f| u16::from(f.code));
+                    // Complete the closing handshake: tungstenite queued our reply.
+                    let _ = self.ws.flush().await;
                     return None;
                 }
                 Some(Ok(_)) => continue,
