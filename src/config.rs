@@ -395,6 +395,14 @@ tokens_per_sec = 20
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let c = ServeConfig::from_toml(include_str!("../examples/serve.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.resources.len(), 1);
+        assert_eq!(c.limits.limits().max_connections, 1024);
+    }
+
+    #[test]
     fn refuses_bad_configurations() {
         assert!(ServeConfig::from_toml(&format!("{EXAMPLE}\nbogus = 1")).is_err());
         let free = EXAMPLE.replace(r#"perMessage = { amount = "3", per = "1000" }"#, "");

@@ -276,3 +276,20 @@ async fn a_client_that_stops_paying_gets_nothing_unpaid() {
     );
     let _ = U256::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unthrottled_stream_keeps_flowing_through_voucher_round_trips() {
+    // As fast as the socket allows: the session must keep asking and the client keep paying,
+    // with no stall, over many credit windows.
+    let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
+    let (seen, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        pay_for_stream(&stack, 5, ETH, 1_000, 20_000),
+    )
+    .await
+    .expect("the stream completes");
+    assert_eq!(seen.messages, 20_000);
+    assert!(seen.vouchers >= 2, "{}", seen.vouchers);
+    let (consumed, settled, _, _) = seen.receipt.unwrap();
+    assert_eq!((consumed, settled), (20_000, 20_000));
+}

@@ -350,23 +350,27 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
     /// loop looks at the socket and the timers again.
     async fn on_units(&mut self, unit: Option<Unit>) -> Flow {
         let mut next = unit;
-        for _ in 0..BATCH_UNITS {
+        let mut delivered = 0;
+        loop {
             let more = next.is_some();
             if let Flow::Closed = self.on_unit(next).await {
                 return Flow::Closed;
             }
+            delivered += 1;
+            // Take another queued unit only if it will be delivered in this batch: a unit
+            // taken from the queue is never dropped.
             if !more
+                || delivered >= BATCH_UNITS
                 || self.held.is_some()
                 || !self.session.as_ref().is_some_and(Session::can_deliver)
             {
-                break;
+                return Flow::Continue;
             }
             next = match self.units.as_mut().map(mpsc::Receiver::try_recv) {
                 Some(Ok(unit)) => Some(unit),
-                _ => break,
+                _ => return Flow::Continue,
             };
         }
-        Flow::Continue
     }
 
     async fn on_unit(&mut self, unit: Option<Unit>) -> Flow {

@@ -1,0 +1,111 @@
+//! `paystream serve` as a process: configured by a TOML file and the environment, it serves the
+//! 402 challenge and `/healthz` against a real anvil and redis-server, and exits cleanly on
+//! SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::anvil::{Anvil, DEV_KEYS, dev_signer};
+use common::redis::Redis;
+use paystream::chain::Channels;
+use paystream::chain::rpc::RpcBackend;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_from_a_config_file_and_stops_on_sigterm() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = Channels::deploy(
+        RpcBackend::connect(&anvil.url, dev_signer(0))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .address();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("paystream-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:{port}"
+[chain]
+rpc_url = "http://placeholder"
+contract = "0x0000000000000000000000000000000000000001"
+[tariff]
+perMessage = {{ amount = "3", per = "1000" }}
+[resources.tokens]
+kind = "token_generator"
+"#
+        ),
+    )
+    .unwrap();
+    // The RPC URL, contract and Redis URL come from the environment, over the file's values.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paystream"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("PAYSTREAM_PAYEE_KEY", DEV_KEYS[2])
+        .env("PAYSTREAM_RPC_URL", &anvil.url)
+        .env("PAYSTREAM_CONTRACT", contract.to_string())
+        .env("PAYSTREAM_REDIS_URL", &redis.url)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Wait for the "serving" log line: the listener is bound.
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("paystream serve logs that it is serving");
+        if line.contains("serving") {
+            break;
+        }
+    }
+    let body = http_get(port, "/healthz").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let challenge = http_get(port, "/tokens").await;
+    assert!(challenge.starts_with("HTTP/1.1 402"), "{challenge}");
+    assert!(
+        challenge.contains(&format!("{contract:?}").to_lowercase()[2..])
+            || challenge
+                .to_lowercase()
+                .contains(&contract.to_string().to_lowercase()[2..])
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
