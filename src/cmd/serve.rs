@@ -99,9 +99,11 @@ async fn serve_with<S: ChannelStore>(
         Ok(secret) if secret.len() >= 32 => {
             state.set_resume(secret.as_bytes(), config.session.resume_window_secs)
         }
-        Ok(_) => anyhow::bail!("{JWT_SECRET_ENV} must be at least 32 bytes"),
+        Ok(secret) if !secret.is_empty() => {
+            anyhow::bail!("{JWT_SECRET_ENV} must be at least 32 bytes")
+        }
         // No default secret: a random one per process (resume tokens do not survive a restart).
-        Err(_) => {
+        _ => {
             let mut secret = [0u8; 32];
             getrandom::fill(&mut secret).context("reading OS randomness")?;
             state.set_resume(&secret, config.session.resume_window_secs);

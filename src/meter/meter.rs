@@ -16,6 +16,8 @@ pub const DEFAULT_RTT_NS: u64 = 250_000_000;
 pub const DEFAULT_MARGIN_NS: u64 = 750_000_000;
 /// Floor under the round trip used for asking early, whatever was measured.
 pub const MIN_RTT_NS: u64 = 10_000_000;
+/// Longest time between two full `need_voucher` checks while credit is plentiful.
+const RECHECK_NS: u64 = 10_000_000;
 /// How long one heartbeat proves the client is there: the heartbeat interval (5 s) plus
 /// one interval of grace.
 pub const DEFAULT_LIVENESS_NS: u64 = 10_000_000_000;
@@ -126,6 +128,11 @@ pub struct Meter {
     previous_window: (U256, u64),
     /// The cumulative for which `need_voucher` was already asked.
     asked_at: Option<u128>,
+    /// The last full check found no need while the credit left was above this (scaled) and
+    /// the time was before `recheck_at`: until either changes, the check is two comparisons.
+    /// (Asking early is a heuristic; this only saves recomputing the burn rate per event.)
+    skip_while_room_above: U256,
+    recheck_at: Nanos,
 }
 
 impl Meter {
@@ -154,6 +161,8 @@ impl Meter {
             window_start: (now, U256::ZERO),
             previous_window: (U256::ZERO, 0),
             asked_at: None,
+            skip_while_room_above: U256::MAX,
+            recheck_at: 0,
         })
     }
 
@@ -340,6 +349,7 @@ impl Meter {
         }
         self.window_start = (now, self.scaled);
         self.asked_at = None;
+        self.recheck_at = 0;
         Ok(())
     }
 
@@ -376,6 +386,13 @@ impl Meter {
         if self.asked_at == Some(self.cumulative) {
             return None;
         }
+        let room = self.limit - self.scaled;
+        if now < self.recheck_at
+            && room > self.skip_while_room_above
+            && !self.is_paused(PauseReason::Exhausted)
+        {
+            return None;
+        }
         let (burned, over_ns) = self.burn_rate(now);
         let horizon = self
             .config
@@ -397,8 +414,11 @@ impl Meter {
         let floor = (U256::from(self.config.min_threshold) * self.rates.denominator)
             .max(self.rates.message)
             .max(time_floor);
-        let room = self.limit - self.scaled;
-        if room >= expected.max(floor) && !self.is_paused(PauseReason::Exhausted) {
+        let threshold = expected.max(floor);
+        if room >= threshold && !self.is_paused(PauseReason::Exhausted) {
+            // Check again when half the distance to the threshold is used, or in 10 ms.
+            self.skip_while_room_above = threshold + (room - threshold) / U256::from(2u8);
+            self.recheck_at = now.saturating_add(RECHECK_NS);
             return None;
         }
         self.asked_at = Some(self.cumulative);

@@ -202,6 +202,24 @@ pub fn decode_client(text: &str) -> Result<ClientMessage, ProtocolError> {
     serde_json::from_value(value).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
+/// Encodes an `app` message without copying its data: the same bytes as
+/// `encode_server(&ServerMessage::App { seq, data })`.
+pub fn encode_app(seq: u64, data: &serde_json::Value) -> String {
+    #[derive(Serialize)]
+    struct App<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        seq: u64,
+        data: &'a serde_json::Value,
+    }
+    serde_json::to_string(&App {
+        kind: "app",
+        seq,
+        data,
+    })
+    .expect("JSON values always serialize")
+}
+
 /// Encodes a server message as a text frame.
 pub fn encode_server(message: &ServerMessage) -> String {
     serde_json::to_string(message).expect("server messages always serialize")
@@ -287,6 +305,15 @@ mod tests {
         }
         let big = "x".repeat(MAX_MESSAGE_BYTES + 1);
         assert_eq!(decode_client(&big).unwrap_err().code(), "frame_too_large");
+    }
+
+    #[test]
+    fn encode_app_matches_the_enum_encoding() {
+        let data = serde_json::json!({ "token": "hello ", "n": [1, 2] });
+        assert_eq!(
+            encode_app(7, &data),
+            encode_server(&ServerMessage::App { seq: 7, data })
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ use crate::chain::{ChannelChain, Claim};
 use crate::channel::{Close, signature};
 use crate::meter::Nanos;
 use crate::protocol::{
-    ClientMessage, CloseCode, ProtocolError, ServerMessage, decode_client, encode_server,
+    ClientMessage, CloseCode, ProtocolError, ServerMessage, decode_client, encode_app,
+    encode_server,
 };
 use crate::session::{Effect, Session};
 use crate::store::ChannelStore;
@@ -156,13 +157,7 @@ async fn recv(units: &mut Option<mpsc::Receiver<Unit>>) -> Option<Unit> {
 
 fn unit_frame(seq: u64, unit: &Unit) -> Message {
     match unit {
-        Unit::Json(data) => Message::Text(
-            encode_server(&ServerMessage::App {
-                seq,
-                data: data.clone(),
-            })
-            .into(),
-        ),
+        Unit::Json(data) => Message::Text(encode_app(seq, data).into()),
         Unit::Binary(bytes) => Message::Binary(bytes.clone().into()),
     }
 }
