@@ -130,7 +130,13 @@ async fn resuming_a_connected_session_supersedes_the_old_connection() {
         matches!(seen.last(), Some(ServerMessage::Session { nonce: 1, .. })),
         "{seen:?}"
     );
-    let (_, code) = old.drain().await;
+    let (seen, code) = old.drain().await;
+    assert!(
+        seen.iter().any(
+            |m| matches!(m, ServerMessage::Error { code, .. } if code == "session_superseded")
+        ),
+        "{seen:?}"
+    );
     assert_eq!(
         code,
         Some(4409),

@@ -258,10 +258,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     channel_id,
                     voucher,
                 } => {
-                    let started = std::time::Instant::now();
                     let result = self.state.store.save_voucher(channel_id, voucher).await;
-                    self.metrics()
-                        .observe_verification(started.elapsed().as_micros() as u64);
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
                         let more = session.persisted(result, now);
@@ -474,11 +471,20 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
 
     async fn on_client_message(&mut self, message: ClientMessage, now: Nanos) -> Flow {
         if let Some(session) = self.session.as_mut() {
+            let is_voucher = matches!(message, ClientMessage::Voucher(_));
+            let started = std::time::Instant::now();
             let effects = {
                 let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
                 session.on_message(message, &mut keys, now)
             };
-            return self.apply(effects).await;
+            let flow = self.apply(effects).await;
+            if is_voucher {
+                // Verification latency: the checks, the signature and the store write, up to
+                // the acknowledgment (or the refusal).
+                self.metrics()
+                    .observe_verification(started.elapsed().as_micros() as u64);
+            }
+            return flow;
         }
         match message {
             ClientMessage::Open(msg) => {
@@ -614,6 +620,14 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         // Park first, so the resuming connection gets the session without waiting for this
         // one's closing handshake.
         self.release().await;
+        let error = ServerMessage::Error {
+            code: "session_superseded".into(),
+            message: "the session was resumed on another connection".into(),
+            retriable: false,
+            data: None,
+        };
+        let _ = self.send(Message::Text(encode_server(&error).into())).await;
+        self.metrics().rejected("session_superseded");
         self.close(CloseCode::SessionSuperseded, "session superseded")
             .await
     }
