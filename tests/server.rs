@@ -293,3 +293,78 @@ async fn an_unthrottled_stream_keeps_flowing_through_voucher_round_trips() {
     let (consumed, settled, _, _) = seen.receipt.unwrap();
     assert_eq!((consumed, settled), (20_000, 20_000));
 }
+
+/// Large binary units, as fast as the socket takes them.
+struct Blobs;
+
+impl paystream::server::resource::Resource for Blobs {
+    fn description(&self) -> String {
+        "blobs".into()
+    }
+
+    fn start(
+        &self,
+        _request: serde_json::Value,
+        tx: tokio::sync::mpsc::Sender<paystream::server::resource::Unit>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..BLOBS {
+                let unit = paystream::server::resource::Unit::Binary(vec![7u8; BLOB_BYTES]);
+                if tx.send(unit).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+const BLOBS: usize = 96;
+const BLOB_BYTES: usize = 256 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_not_charged_for_the_time_it_blocks_delivery() {
+    // 1,000,000 base units per second of delivery; 24 MiB of units is far more than the
+    // socket buffers hold, so the server blocks on the socket while the client does not read.
+    let mut options = Options::new(r#"{"perSecond":{"amount":"1000000","per":"1"}}"#);
+    options.resource = Some(std::sync::Arc::new(Blobs));
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 6, ETH).await;
+    let mut c = stack.client(id).await;
+    c.open(1, ETH / 2).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({}),
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // The client stops reading for 3 s: this pause is the scenario under test.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut blobs = 0;
+    while blobs < BLOBS {
+        use futures_util::StreamExt;
+        match c.ws.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(_))) => blobs += 1,
+            Some(Ok(_)) => {}
+            other => panic!("stream ended: {other:?}"),
+        }
+    }
+    let wall = started.elapsed();
+    c.send(&ClientMessage::Close {
+        close_channel: false,
+    })
+    .await;
+    let seen = c
+        .recv_until(|m| matches!(m, ServerMessage::Receipt { .. }))
+        .await;
+    let Some(ServerMessage::Receipt { consumed, .. }) = seen.last() else {
+        unreachable!()
+    };
+    // Charged time is consumed / 1e6 seconds. Without the backpressure pause it would be the
+    // whole wall time (more than 3 s).
+    let charged_ms = consumed / 1_000;
+    assert!(wall.as_millis() >= 3_000);
+    assert!(
+        charged_ms < 1_500,
+        "charged {charged_ms} ms of {} ms: blocked time was charged",
+        wall.as_millis()
+    );
+}

@@ -220,7 +220,7 @@ impl Session {
             now,
         )
         .map_err(|e| vec![error("internal_error", e.to_string(), false, None)])?;
-        let next_usage = now + params.usage_interval_ms * NS_PER_MS;
+        let next_usage = now.saturating_add(params.usage_interval_ms.saturating_mul(NS_PER_MS));
         let mut session = Self {
             params,
             id,
@@ -459,7 +459,8 @@ impl Session {
                 Some(self.error_data()),
             )];
         }
-        self.voucher_deadline = Some(now + self.params.voucher_deadline_ms * NS_PER_MS);
+        self.voucher_deadline =
+            Some(now.saturating_add(self.params.voucher_deadline_ms.saturating_mul(NS_PER_MS)));
         vec![Effect::Send(ServerMessage::NeedVoucher {
             consumed: ask.consumed,
             cumulative: ask.cumulative,
@@ -513,7 +514,8 @@ impl Session {
             return effects;
         }
         if now >= self.next_usage {
-            self.next_usage = now + self.params.usage_interval_ms * NS_PER_MS;
+            self.next_usage =
+                now.saturating_add(self.params.usage_interval_ms.saturating_mul(NS_PER_MS));
             let u = self.meter.usage();
             effects.push(Effect::Send(ServerMessage::Usage {
                 consumed: u.consumed,
@@ -537,7 +539,7 @@ impl Session {
         [
             Some(self.next_usage),
             self.voucher_deadline,
-            self.meter.exhausted_at().map(|t| t + 1),
+            self.meter.exhausted_at().map(|t| t.saturating_add(1)),
         ]
         .into_iter()
         .flatten()

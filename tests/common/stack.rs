@@ -51,6 +51,8 @@ pub struct Options {
     pub params: Box<dyn FnOnce(&mut SessionParams)>,
     pub limits: Box<dyn FnOnce(&mut Limits)>,
     pub tokens_per_sec: u32,
+    /// Served as `/ws/tokens` instead of the token generator.
+    pub resource: Option<Arc<dyn Resource>>,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             params: Box::new(|_| {}),
             limits: Box::new(|_| {}),
             tokens_per_sec: 0,
+            resource: None,
         }
     }
 }
@@ -102,9 +105,11 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut resources: paystream::server::resource::Resources = Default::default();
-        let tokens: Arc<dyn Resource> = Arc::new(TokenGenerator {
-            tokens_per_sec: options.tokens_per_sec,
-            default_max_tokens: 100,
+        let tokens: Arc<dyn Resource> = options.resource.unwrap_or_else(|| {
+            Arc::new(TokenGenerator {
+                tokens_per_sec: options.tokens_per_sec,
+                default_max_tokens: 100,
+            })
         });
         resources.insert("tokens".into(), tokens);
         let payee_key = SigningKey::from_slice(dev_signer(2).to_bytes().as_slice()).unwrap();
