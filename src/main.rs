@@ -24,6 +24,10 @@ enum Command {
     Deploy(cmd::deploy::DeployArgs),
     /// Serve paid streams (configuration in a TOML file, payee key in $PAYSTREAM_PAYEE_KEY).
     Serve(cmd::serve::ServeArgs),
+    /// Pay for a stream (key in $PAYSTREAM_PAYER_KEY, budget policy from flags).
+    Pay(Box<cmd::pay::PayArgs>),
+    /// Everything in one process on embedded defaults: a paid stream, its cost, its settlement.
+    Demo,
 }
 
 /// The tokio runtime for the commands that do I/O.
@@ -34,16 +38,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs at info; the interactive commands only warn unless RUST_LOG says otherwise.
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Deploy(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
+        Command::Pay(args) => runtime()
+            .and_then(|rt| rt.block_on(cmd::pay::run(*args)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Demo => runtime()
+            .and_then(|rt| rt.block_on(cmd::demo::run()))
+            .map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::serve::run(args)))
             .map(|()| ExitCode::SUCCESS),

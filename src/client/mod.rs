@@ -1,2 +1,607 @@
-//! The paying client library used by `paystream pay`, the demo and the tests (DESIGN.md
-//! section 8). Arrives with the client issue.
+//! The paying client (DESIGN.md sections 4 and 8), used by `paystream pay`, the demo and the
+//! tests: fetch the 402 challenge, check its terms against a budget [`Policy`], open or reuse a
+//! channel, stream, answer `need_voucher` within the policy, and check the receipt.
+//!
+//! The client keeps its own count of what it received (messages, bytes, time connected) and
+//! prices it with the tariff it accepted. It never signs a cumulative above that count plus one
+//! credit window, and it stops (`ServerOverclaims`) if the server claims more consumption than
+//! that: the server cannot take more than the client saw, plus one window.
+
+mod policy;
+
+use std::time::Instant;
+
+use alloy::primitives::{Address, B256, U256};
+use futures_util::{SinkExt, StreamExt};
+use k256::ecdsa::SigningKey;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use policy::Policy;
+
+use crate::chain::{Backend, ChainError, ChannelChain, Channels};
+use crate::channel::{ChannelDomain, ChannelKey, ChannelState, signature};
+use crate::meter::{NANOS_PER_SEC, Tariff};
+use crate::protocol::{
+    ClientMessage, PAYMENT_REQUIRED_HEADER, PaymentRequired, PaymentRequirements, ServerMessage,
+    SignedStateMsg, decode_server, encode_client,
+};
+
+/// What went wrong, and what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server's terms are outside the policy: nothing was paid. Loosen the policy or go
+    /// elsewhere.
+    #[error("terms refused: {0}")]
+    Terms(String),
+    /// The HTTP request for the challenge failed, or did not answer 402.
+    #[error("challenge: {0}")]
+    Challenge(String),
+    /// The chain refused or could not be reached (opening the channel). Retry, or fund the key.
+    #[error("chain: {0}")]
+    Chain(#[from] ChainError),
+    /// The WebSocket failed or the server broke the protocol. Reconnect.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The server claims more consumption than this client received plus one credit window:
+    /// the client stopped paying. Nothing more is signed; the channel's exposure is bounded.
+    #[error(
+        "the server claims {claimed} base units; this client received {received} worth (plus a {window} window)"
+    )]
+    ServerOverclaims {
+        /// What the server says was consumed.
+        claimed: u128,
+        /// What the client's own count is worth, rounded up.
+        received: u128,
+        /// The policy's credit window.
+        window: u128,
+    },
+    /// The server refused something with an error code (see docs/SERVER.md).
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The code.
+        code: String,
+        /// The explanation.
+        message: String,
+    },
+    /// The session ended without a receipt (close code, if any).
+    #[error("the session closed (code {0:?})")]
+    Closed(Option<u16>),
+    /// The receipt does not match the client's own count.
+    #[error("bad receipt: {0}")]
+    Receipt(String),
+}
+
+/// Fetches the 402 challenge of a resource URL (http or https): the `PAYMENT-REQUIRED` header
+/// and the body must agree.
+pub async fn fetch_challenge(url: &str) -> Result<PaymentRequired, ClientError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::get(url)
+        .await
+        .map_err(|e| ClientError::Challenge(e.to_string()))?;
+    if response.status().as_u16() != 402 {
+        return Err(ClientError::Challenge(format!(
+            "expected 402 Payment Required, got {}",
+            response.status()
+        )));
+    }
+    let header = response
+        .headers()
+        .get(PAYMENT_REQUIRED_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| ClientError::Challenge("no PAYMENT-REQUIRED header".into()))?;
+    let from_header =
+        PaymentRequired::from_header(&header).map_err(|e| ClientError::Challenge(e.to_string()))?;
+    let body = response
+        .text()
+        .await
+        .map_err(|e| ClientError::Challenge(e.to_string()))?;
+    let from_body: PaymentRequired =
+        serde_json::from_str(&body).map_err(|e| ClientError::Challenge(format!("body: {e}")))?;
+    if from_header != from_body {
+        return Err(ClientError::Challenge(
+            "the PAYMENT-REQUIRED header and the body differ".into(),
+        ));
+    }
+    Ok(from_body)
+}
+
+/// A payer: a key, a policy, and the contract reached through a chain backend.
+pub struct Payer<B> {
+    chain: Channels<B>,
+    key: SigningKey,
+    policy: Policy,
+}
+
+/// Something that happened on a paid stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One unit (e.g. one AI token).
+    App {
+        /// Sequence number.
+        seq: u64,
+        /// The unit.
+        data: serde_json::Value,
+    },
+    /// A binary unit.
+    Binary(Vec<u8>),
+    /// A voucher was signed and sent.
+    VoucherSigned {
+        /// Its nonce.
+        nonce: u64,
+        /// Its cumulative.
+        cumulative: u128,
+    },
+    /// The server's periodic usage.
+    Usage {
+        /// Consumption so far.
+        consumed: u128,
+        /// Credit left.
+        remaining: u128,
+    },
+    /// Delivery paused (credit, store).
+    Paused(String),
+    /// Delivery resumed.
+    Resumed,
+    /// A non-fatal error from the server.
+    Error {
+        /// The code.
+        code: String,
+        /// The explanation.
+        message: String,
+    },
+}
+
+/// The session's end, checked against the client's own count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// Consumption the server charged (rounded up).
+    pub consumed: u128,
+    /// What the channel's claimed total will be.
+    pub settled: u128,
+    /// What returns to the payer.
+    pub refund: u128,
+    /// The last accepted cumulative.
+    pub cumulative: u128,
+}
+
+impl<B: Backend> Payer<B> {
+    /// A payer with `key` on the contract behind `chain`.
+    pub fn new(chain: Channels<B>, key: SigningKey, policy: Policy) -> Self {
+        Self { chain, key, policy }
+    }
+
+    /// The payer's address.
+    pub fn address(&self) -> Address {
+        signature::address_of(self.key.verifying_key())
+    }
+
+    /// Checks the challenge against the policy, opens (or reuses) the channel identified by
+    /// `salt` with a deposit of `deposit` (at most the policy's total), connects, and opens the
+    /// session with a first voucher of one credit window.
+    pub async fn start(
+        &self,
+        challenge: &PaymentRequired,
+        salt: B256,
+        deposit: u128,
+    ) -> Result<PaySession, ClientError> {
+        let offer = self.policy.check(challenge)?.clone();
+        if offer.extra.contract != self.chain.address() {
+            return Err(ClientError::Terms(format!(
+                "the server uses contract {}, this payer {}",
+                offer.extra.contract,
+                self.chain.address()
+            )));
+        }
+        let deposit = deposit
+            .min(self.policy.max_total)
+            .max(offer.extra.min_deposit);
+        let chain_id = self.chain.chain_id();
+        let key = ChannelKey {
+            chain_id,
+            contract: self.chain.address(),
+            payer: self.address(),
+            payee: offer.pay_to,
+            token: offer.asset,
+            salt,
+        };
+        let channel = key.channel_id();
+        let existing = self.chain.read_channel(channel).await?;
+        let (deposit, start_nonce, start_cumulative) = match existing {
+            Some(info) if !info.closed && !info.withdraw_requested => {
+                (info.deposit, info.claimed_nonce, info.claimed)
+            }
+            Some(_) => {
+                return Err(ClientError::Terms(
+                    "the channel for this salt is closed; use another salt".into(),
+                ));
+            }
+            None => {
+                self.chain
+                    .open(offer.pay_to, offer.asset, salt, deposit, 3600)
+                    .await?;
+                (deposit, 0, 0)
+            }
+        };
+        let url = offer.extra.ws_endpoint.clone();
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .map_err(|e| ClientError::Connection(format!("{url}: {e}")))?;
+        let window = self
+            .policy
+            .max_credit_window
+            .min(offer.extra.credit_window.max(1));
+        let mut session = PaySession {
+            ws,
+            domain: ChannelDomain::new(chain_id, self.chain.address()),
+            key: self.key.clone(),
+            channel,
+            offer,
+            window,
+            deposit,
+            nonce: start_nonce,
+            cumulative: start_cumulative,
+            count: Count::default(),
+            started: Instant::now(),
+            consumed: 0,
+            vouchers: 0,
+            session_id: None,
+            resume_token: None,
+        };
+        session.open().await?;
+        Ok(session)
+    }
+}
+
+/// A frame from the server.
+enum Incoming {
+    Server(ServerMessage),
+    Binary(Vec<u8>),
+}
+
+/// What this client received, priced by its own count.
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    messages: u64,
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
+/// A paid session in progress.
+pub struct PaySession {
+    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    domain: ChannelDomain,
+    key: SigningKey,
+    channel: B256,
+    offer: PaymentRequirements,
+    window: u128,
+    deposit: u128,
+    nonce: u64,
+    cumulative: u128,
+    count: Count,
+    started: Instant,
+    consumed: u128,
+    vouchers: u64,
+    session_id: Option<String>,
+    resume_token: Option<String>,
+}
+
+/// `ceil(sum(units * amount / per))` over the tariff's kinds.
+fn price(tariff: &Tariff, count: Count, elapsed_ns: u128) -> u128 {
+    let kinds = [
+        (
+            tariff.per_message,
+            U256::from(count.messages),
+            U256::from(1u8),
+        ),
+        (
+            tariff.per_byte_out,
+            U256::from(count.bytes_out),
+            U256::from(1u8),
+        ),
+        (
+            tariff.per_byte_in,
+            U256::from(count.bytes_in),
+            U256::from(1u8),
+        ),
+        (
+            tariff.per_second,
+            U256::from(elapsed_ns),
+            U256::from(NANOS_PER_SEC),
+        ),
+    ];
+    let mut total = U256::ZERO;
+    for (p, units, scale) in kinds {
+        if let Some(p) = p {
+            let d = U256::from(p.per) * scale;
+            total += (units * U256::from(p.amount)).div_ceil(d);
+        }
+    }
+    total.saturating_to()
+}
+
+impl PaySession {
+    fn send_json(
+        &mut self,
+        message: &ClientMessage,
+    ) -> impl std::future::Future<Output = Result<(), ClientError>> + '_ {
+        let text = encode_client(message);
+        async move {
+            self.ws
+                .send(Message::Text(text.into()))
+                .await
+                .map_err(|e| ClientError::Connection(e.to_string()))
+        }
+    }
+
+    fn voucher(&self, nonce: u64, cumulative: u128) -> SignedStateMsg {
+        let state = ChannelState {
+            channelId: self.channel,
+            nonce,
+            cumulative,
+        };
+        let sig = signature::sign_digest(&self.key, &self.domain.state_digest(&state));
+        SignedStateMsg {
+            channel_id: self.channel,
+            nonce,
+            cumulative,
+            signature: signature::to_bytes(&sig).to_vec().into(),
+        }
+    }
+
+    /// What the client's own count is worth, rounded up: an upper bound of what the server can
+    /// rightly claim (time counted as the whole wall time since the session began).
+    pub fn received_worth(&self) -> u128 {
+        price(
+            &self.offer.extra.tariff,
+            self.count,
+            self.started.elapsed().as_nanos(),
+        )
+    }
+
+    /// The channel.
+    pub fn channel_id(&self) -> B256 {
+        self.channel
+    }
+
+    /// The deposit.
+    pub fn deposit(&self) -> u128 {
+        self.deposit
+    }
+
+    /// Consumption as the server last reported it.
+    pub fn spent(&self) -> u128 {
+        self.consumed
+    }
+
+    /// The accepted cumulative.
+    pub fn cumulative(&self) -> u128 {
+        self.cumulative
+    }
+
+    /// Vouchers signed in this session.
+    pub fn vouchers_signed(&self) -> u64 {
+        self.vouchers
+    }
+
+    /// Messages received.
+    pub fn messages(&self) -> u64 {
+        self.count.messages
+    }
+
+    /// The resume token of the session, if any.
+    pub fn resume_token(&self) -> Option<&str> {
+        self.resume_token.as_deref()
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+
+    async fn open(&mut self) -> Result<(), ClientError> {
+        for _ in 0..2 {
+            let nonce = self.nonce + 1;
+            let cumulative = self.cumulative.max(self.window).min(self.deposit);
+            let open = self.voucher(nonce, cumulative);
+            // The client's clock starts before the server's can: its time bound is an upper one.
+            self.started = Instant::now();
+            self.send_json(&ClientMessage::Open(open)).await?;
+            loop {
+                let message = match self.recv().await? {
+                    Some(Incoming::Server(m)) => Some(m),
+                    Some(Incoming::Binary(_)) => continue,
+                    None => None,
+                };
+                match message {
+                    Some(ServerMessage::Session {
+                        session_id,
+                        resume_token,
+                        nonce,
+                        cumulative,
+                        consumed,
+                        ..
+                    }) => {
+                        self.session_id = Some(session_id);
+                        self.resume_token = Some(resume_token);
+                        self.nonce = nonce;
+                        self.cumulative = cumulative;
+                        self.consumed = consumed;
+                        self.vouchers += 1;
+                        return Ok(());
+                    }
+                    // The channel was used before (another device, a lost client state): take
+                    // the server's accepted state and sign above it once.
+                    Some(ServerMessage::Error {
+                        code,
+                        data: Some(d),
+                        ..
+                    }) if code == "stale_nonce" || code == "cumulative_decreased" => {
+                        self.nonce = d.nonce;
+                        self.cumulative = d.cumulative.max(d.consumed);
+                        break;
+                    }
+                    Some(ServerMessage::Error { code, message, .. }) => {
+                        return Err(ClientError::Server { code, message });
+                    }
+                    Some(_) => continue,
+                    None => return Err(ClientError::Closed(None)),
+                }
+            }
+        }
+        Err(ClientError::Connection(
+            "could not re-sync the channel state".into(),
+        ))
+    }
+
+    async fn recv(&mut self) -> Result<Option<Incoming>, ClientError> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let message =
+                        decode_server(&text).map_err(|e| ClientError::Connection(e.to_string()))?;
+                    if let ServerMessage::App { .. } = message {
+                        self.count.messages += 1;
+                        self.count.bytes_out += text.len() as u64;
+                    }
+                    return Ok(Some(Incoming::Server(message)));
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    self.count.messages += 1;
+                    self.count.bytes_out += bytes.len() as u64;
+                    return Ok(Some(Incoming::Binary(bytes.to_vec())));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let _ = self.ws.flush().await;
+                    return Err(ClientError::Closed(frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(ClientError::Connection(e.to_string())),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Sends an application request (e.g. a prompt).
+    pub async fn request(&mut self, body: serde_json::Value) -> Result<(), ClientError> {
+        self.count.bytes_in += serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
+        self.send_json(&ClientMessage::Request { body }).await
+    }
+
+    /// Checks a claimed consumption against the client's count plus one window.
+    fn check_claim(&self, claimed: u128) -> Result<u128, ClientError> {
+        let received = self.received_worth();
+        if claimed > received.saturating_add(self.window) {
+            return Err(ClientError::ServerOverclaims {
+                claimed,
+                received,
+                window: self.window,
+            });
+        }
+        Ok(received)
+    }
+
+    /// The next event, answering `need_voucher` on the way; `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            let message = match self.recv().await? {
+                None => return Ok(None),
+                Some(Incoming::Binary(bytes)) => return Ok(Some(Event::Binary(bytes))),
+                Some(Incoming::Server(m)) => m,
+            };
+            match message {
+                ServerMessage::App { seq, data } => return Ok(Some(Event::App { seq, data })),
+                ServerMessage::NeedVoucher {
+                    consumed,
+                    suggested,
+                    ..
+                } => {
+                    let received = self.check_claim(consumed)?;
+                    // Never authorize more than what was received plus one window.
+                    let target = suggested
+                        .min(received.saturating_add(self.window))
+                        .min(self.deposit);
+                    if target <= self.cumulative {
+                        continue;
+                    }
+                    let nonce = self.nonce + 1;
+                    let v = self.voucher(nonce, target);
+                    self.send_json(&ClientMessage::Voucher(v)).await?;
+                    self.nonce = nonce;
+                    self.cumulative = target;
+                    self.vouchers += 1;
+                    return Ok(Some(Event::VoucherSigned {
+                        nonce,
+                        cumulative: target,
+                    }));
+                }
+                ServerMessage::VoucherAck { consumed, .. } => {
+                    self.check_claim(consumed)?;
+                    self.consumed = consumed;
+                }
+                ServerMessage::Usage {
+                    consumed,
+                    remaining,
+                    ..
+                } => {
+                    self.check_claim(consumed)?;
+                    self.consumed = consumed;
+                    return Ok(Some(Event::Usage {
+                        consumed,
+                        remaining,
+                    }));
+                }
+                ServerMessage::Paused { reason } => return Ok(Some(Event::Paused(reason))),
+                ServerMessage::Resumed {} => return Ok(Some(Event::Resumed)),
+                ServerMessage::Error { code, message, .. } => {
+                    return Ok(Some(Event::Error { code, message }));
+                }
+                ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => {}
+            }
+        }
+    }
+
+    /// Ends the session (closing the channel cooperatively when asked) and checks the receipt
+    /// against the client's own count.
+    pub async fn close(mut self, close_channel: bool) -> Result<Receipt, ClientError> {
+        self.send_json(&ClientMessage::Close { close_channel })
+            .await?;
+        loop {
+            match self.recv().await {
+                Ok(Some(Incoming::Server(ServerMessage::Receipt {
+                    consumed,
+                    settled_amount,
+                    refund,
+                    cumulative,
+                    ..
+                }))) => {
+                    let received = self.received_worth();
+                    if consumed > received {
+                        return Err(ClientError::Receipt(format!(
+                            "charged {consumed}, received {received} worth"
+                        )));
+                    }
+                    if settled_amount > cumulative
+                        || refund != self.deposit.saturating_sub(settled_amount)
+                    {
+                        return Err(ClientError::Receipt(format!(
+                            "settled {settled_amount} of cumulative {cumulative}, refund {refund} of deposit {}",
+                            self.deposit
+                        )));
+                    }
+                    let _ = self.ws.close(None).await;
+                    return Ok(Receipt {
+                        consumed,
+                        settled: settled_amount,
+                        refund,
+                        cumulative,
+                    });
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err(ClientError::Closed(None)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

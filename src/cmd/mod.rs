@@ -1,5 +1,7 @@
 //! The binary's subcommands. Each prints one JSON object on standard output.
 
+pub mod demo;
 pub mod deploy;
+pub mod pay;
 pub mod serve;
 pub mod state;
