@@ -277,6 +277,23 @@ pub enum ResourceSection {
         #[serde(default = "default_max_tokens")]
         max_tokens: u64,
     },
+    /// An OpenAI-compatible streaming chat completions upstream (llama.cpp, vLLM, Ollama).
+    Openai {
+        /// Base URL (`/v1/chat/completions` is appended).
+        base_url: String,
+        /// Model name.
+        model: String,
+        /// Environment variable holding the upstream's API key, if any.
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Connect and first-byte timeout.
+        #[serde(default = "default_upstream_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_upstream_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_tokens_per_sec() -> u32 {

@@ -245,6 +245,7 @@ impl<B: Backend> Payer<B> {
             count: Count::default(),
             started: Instant::now(),
             consumed: 0,
+            baseline: 0,
             vouchers: 0,
             session_id: None,
             resume_token: None,
@@ -282,6 +283,8 @@ pub struct PaySession {
     count: Count,
     started: Instant,
     consumed: u128,
+    /// The channel's consumption when this session opened.
+    baseline: u128,
     vouchers: u64,
     session_id: Option<String>,
     resume_token: Option<String>,
@@ -350,14 +353,16 @@ impl PaySession {
         }
     }
 
-    /// What the client's own count is worth, rounded up: an upper bound of what the server can
-    /// rightly claim (time counted as the whole wall time since the session began).
+    /// What the channel's consumption may rightly be: what was consumed before this session
+    /// (as the server said at `open`, never more than the accepted cumulative) plus this
+    /// client's own count, rounded up (time counted as the whole wall time since it opened).
     pub fn received_worth(&self) -> u128 {
-        price(
+        let own = price(
             &self.offer.extra.tariff,
             self.count,
             self.started.elapsed().as_nanos(),
-        )
+        );
+        self.baseline.saturating_add(own)
     }
 
     /// The channel.
@@ -426,8 +431,18 @@ impl PaySession {
                         self.session_id = Some(session_id);
                         self.resume_token = Some(resume_token);
                         self.nonce = nonce;
+                        // The channel's earlier consumption can never exceed what was
+                        // authorized before this session.
+                        if consumed > cumulative {
+                            return Err(ClientError::ServerOverclaims {
+                                claimed: consumed,
+                                received: cumulative,
+                                window: self.window,
+                            });
+                        }
                         self.cumulative = cumulative;
                         self.consumed = consumed;
+                        self.baseline = consumed;
                         self.vouchers += 1;
                         return Ok(());
                     }

@@ -11,6 +11,7 @@ use paystream::chain::rpc::RpcBackend;
 use paystream::chain::{Backend, Channels};
 use paystream::channel::ChannelDomain;
 use paystream::config::{ResourceSection, ServeConfig};
+use paystream::server::openai::OpenAiUpstream;
 use paystream::server::resource::{Resource, Resources, TokenGenerator};
 use paystream::server::{self, ServerState};
 use paystream::session::SessionParams;
@@ -45,6 +46,17 @@ pub fn resources(config: &ServeConfig) -> Resources {
             } => Arc::new(TokenGenerator {
                 tokens_per_sec: *tokens_per_sec,
                 default_max_tokens: *max_tokens,
+            }),
+            ResourceSection::Openai {
+                base_url,
+                model,
+                api_key_env,
+                timeout_ms,
+            } => Arc::new(OpenAiUpstream {
+                base_url: base_url.clone(),
+                model: model.clone(),
+                api_key: api_key_env.as_ref().and_then(|v| std::env::var(v).ok()),
+                timeout: std::time::Duration::from_millis(*timeout_ms),
             }),
         };
         out.insert(name.clone(), resource);

@@ -16,6 +16,8 @@ pub const DEFAULT_RTT_NS: u64 = 250_000_000;
 pub const DEFAULT_MARGIN_NS: u64 = 750_000_000;
 /// Floor under the round trip used for asking early, whatever was measured.
 pub const MIN_RTT_NS: u64 = 10_000_000;
+/// Shortest time between two `need_voucher` asks while delivery goes on.
+const MIN_ASK_SPACING_NS: u64 = 100_000_000;
 /// Longest time between two full `need_voucher` checks while credit is plentiful.
 const RECHECK_NS: u64 = 10_000_000;
 /// How long one heartbeat proves the client is there: the heartbeat interval (5 s) plus
@@ -133,6 +135,8 @@ pub struct Meter {
     /// (Asking early is a heuristic; this only saves recomputing the burn rate per event.)
     skip_while_room_above: U256,
     recheck_at: Nanos,
+    /// When `need_voucher` was last asked (for the spacing between asks).
+    last_ask: Option<Nanos>,
 }
 
 impl Meter {
@@ -163,6 +167,7 @@ impl Meter {
             asked_at: None,
             skip_while_room_above: U256::MAX,
             recheck_at: 0,
+            last_ask: None,
         })
     }
 
@@ -386,6 +391,21 @@ impl Meter {
         if self.asked_at == Some(self.cumulative) {
             return None;
         }
+        // Asks are spaced by two round trips (at least 100 ms) unless delivery is stopped: a
+        // client whose window is smaller than the asking threshold would otherwise be asked
+        // again the moment its voucher lands, and sign in a loop.
+        let spacing = self
+            .config
+            .rtt_ns
+            .max(MIN_RTT_NS)
+            .saturating_mul(2)
+            .max(MIN_ASK_SPACING_NS);
+        if let Some(last) = self.last_ask
+            && now < last.saturating_add(spacing)
+            && !self.is_paused(PauseReason::Exhausted)
+        {
+            return None;
+        }
         let room = self.limit - self.scaled;
         if now < self.recheck_at
             && room > self.skip_while_room_above
@@ -422,6 +442,7 @@ impl Meter {
             return None;
         }
         self.asked_at = Some(self.cumulative);
+        self.last_ask = Some(now);
         let consumed = self.consumed();
         // The step is at least twice the asking threshold: a window smaller than what the
         // client uses in one round trip would have it signing again as soon as it signed.

@@ -8,6 +8,7 @@
 
 mod connection;
 pub mod metrics;
+pub mod openai;
 mod registry;
 pub mod resource;
 

@@ -166,6 +166,19 @@ impl Stack {
         }
     }
 
+    /// The id of the payer's native-ETH channel to this server's payee with `salt` bytes.
+    pub fn read_channel_id(&self, salt: u8) -> B256 {
+        paystream::channel::ChannelKey {
+            chain_id: self.chain_id,
+            contract: self.contract,
+            payer: dev_signer(1).address(),
+            payee: payee(),
+            token: Address::ZERO,
+            salt: B256::repeat_byte(salt),
+        }
+        .channel_id()
+    }
+
     pub async fn read_channel(&self, id: B256) -> paystream::channel::ChannelInfo {
         self.payer.read_channel(id).await.unwrap().unwrap()
     }

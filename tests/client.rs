@@ -1,0 +1,352 @@
+//! The paying client against the server, a real anvil and redis-server: it pays a full
+//! stream and checks the receipt, refuses terms over its policy before any money moves, refuses
+//! to sign for a server that overclaims, and pays for an OpenAI-compatible upstream exactly per
+//! delivered token, also when the upstream fails mid-stream.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256};
+use common::anvil::dev_signer;
+use common::stack::{ETH, Options, Stack, payee, payer_key};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::StreamBody;
+use hyper::body::{Bytes, Frame};
+use paystream::chain::Channels;
+use paystream::chain::rpc::RpcBackend;
+use paystream::client::{ClientError, Event, Payer, Policy, fetch_challenge};
+use paystream::meter::Price;
+use paystream::protocol::{ClientMessage, ServerMessage, decode_client, encode_server};
+use paystream::server::openai::OpenAiUpstream;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+fn policy(chain_id: u64) -> Policy {
+    Policy {
+        max_per_message: Some(Price { amount: 1, per: 1 }),
+        max_per_second: None,
+        max_per_byte_out: None,
+        max_per_byte_in: None,
+        max_total: ETH,
+        max_credit_window: 100,
+        allowed_payees: vec![payee()],
+        allowed_chains: vec![chain_id],
+    }
+}
+
+async fn payer(stack: &Stack, policy: Policy) -> Payer<RpcBackend> {
+    let backend = RpcBackend::connect(&stack.anvil.url, dev_signer(1))
+        .await
+        .unwrap();
+    Payer::new(Channels::at(backend, stack.contract), payer_key(), policy)
+}
+
+/// Streams until `tokens` units arrived or the stream ended; returns the units received.
+async fn consume(session: &mut paystream::client::PaySession, tokens: u64) -> Vec<String> {
+    let mut got = Vec::new();
+    while (got.len() as u64) < tokens {
+        match tokio::time::timeout(Duration::from_secs(30), session.next())
+            .await
+            .expect("events keep coming")
+        {
+            Ok(Some(Event::App { data, .. })) => {
+                got.push(data["token"].as_str().unwrap_or_default().to_string())
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_pays_a_full_stream_and_checks_the_receipt() {
+    let mut options = Options::new(r#"{"perMessage":{"amount":"7","per":"10"}}"#);
+    options.tokens_per_sec = 500;
+    let stack = Stack::start(options).await;
+    let challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let client = payer(&stack, policy(stack.chain_id)).await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(1), 10_000)
+        .await
+        .unwrap();
+    session
+        .request(serde_json::json!({ "maxTokens": 400 }))
+        .await
+        .unwrap();
+    let got = consume(&mut session, 400).await;
+    assert_eq!(got.len(), 400);
+    assert!(session.vouchers_signed() >= 2, "credit was extended");
+    let receipt = session.close(false).await.unwrap();
+    assert_eq!(receipt.consumed, (400u128 * 7).div_ceil(10));
+    assert_eq!(receipt.settled, receipt.consumed);
+    assert_eq!(receipt.refund, 10_000 - receipt.settled);
+    // The same salt reuses the channel on the next session (no new deposit).
+    let again = client
+        .start(&challenge, B256::repeat_byte(1), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(again.deposit(), 10_000);
+    again.close(true).await.unwrap();
+    assert!(
+        stack.read_channel(stack.read_channel_id(1)).await.closed,
+        "closed cooperatively"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terms_over_the_policy_are_refused_before_any_money_moves() {
+    let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"2","per":"1"}}"#)).await;
+    let challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let cases: Vec<(Policy, &str)> = vec![
+        (policy(stack.chain_id), "perMessage costs 2/1"),
+        (
+            Policy {
+                max_per_message: None,
+                ..policy(stack.chain_id)
+            },
+            "allows no perMessage",
+        ),
+        (
+            Policy {
+                max_per_message: Some(Price::whole(5)),
+                allowed_chains: vec![1],
+                ..policy(stack.chain_id)
+            },
+            "network",
+        ),
+        (
+            Policy {
+                max_per_message: Some(Price::whole(5)),
+                allowed_payees: vec![Address::repeat_byte(1)],
+                ..policy(stack.chain_id)
+            },
+            "payee",
+        ),
+    ];
+    for (policy, expect) in cases {
+        let client = payer(&stack, policy).await;
+        let err = client
+            .start(&challenge, B256::repeat_byte(2), 1_000)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ClientError::Terms(_)), "{err:?}");
+        assert!(err.to_string().contains(expect), "{err}");
+    }
+    let id = stack.read_channel_id(2);
+    assert!(
+        paystream::chain::ChannelChain::read_channel(&stack.payer, id)
+            .await
+            .unwrap()
+            .is_none(),
+        "no channel was opened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_refuses_to_sign_for_a_server_that_overclaims() {
+    // A real contract and channel on anvil; a server that lies about consumption.
+    let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
+    let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    challenge.accepts[0].extra.ws_endpoint =
+        format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
+    let (vouchers_tx, vouchers_rx) = tokio::sync::oneshot::channel::<usize>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let Some(Ok(Message::Text(open))) = ws.next().await else {
+            panic!("no open")
+        };
+        let ClientMessage::Open(open) = decode_client(&open).unwrap() else {
+            panic!("not open")
+        };
+        let send = |m: ServerMessage| Message::Text(encode_server(&m).into());
+        ws.send(send(ServerMessage::Session {
+            session_id: "s".into(),
+            resume_token: "t".into(),
+            channel_id: open.channel_id,
+            nonce: open.nonce,
+            cumulative: open.cumulative,
+            consumed: 0,
+            tariff: Box::new(
+                paystream::meter::Tariff::from_json(r#"{"perMessage":{"amount":"1","per":"1"}}"#)
+                    .unwrap(),
+            ),
+            heartbeat_ms: 5000,
+        }))
+        .await
+        .unwrap();
+        for seq in 0..5 {
+            ws.send(send(ServerMessage::App {
+                seq,
+                data: serde_json::json!({ "token": "x" }),
+            }))
+            .await
+            .unwrap();
+        }
+        // 5 tokens delivered at 1 each; the server claims 1,000.
+        ws.send(send(ServerMessage::NeedVoucher {
+            consumed: 1_000,
+            cumulative: open.cumulative,
+            suggested: 5_000,
+            deadline_ms: 30_000,
+        }))
+        .await
+        .unwrap();
+        let mut vouchers = 0;
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m
+                && let Ok(ClientMessage::Voucher(_)) = decode_client(&t)
+            {
+                vouchers += 1;
+            }
+        }
+        let _ = vouchers_tx.send(vouchers);
+    });
+    let client = payer(&stack, policy(stack.chain_id)).await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(3), 1_000)
+        .await
+        .unwrap();
+    let mut tokens = 0;
+    let err = loop {
+        match session.next().await {
+            Ok(Some(Event::App { .. })) => tokens += 1,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without the overclaim"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(tokens, 5);
+    match err {
+        ClientError::ServerOverclaims {
+            claimed,
+            received,
+            window,
+        } => {
+            assert_eq!((claimed, received, window), (1_000, 5, 100));
+        }
+        other => panic!("expected ServerOverclaims, got {other:?}"),
+    }
+    drop(session);
+    assert_eq!(
+        vouchers_rx.await.unwrap(),
+        0,
+        "nothing was signed for the overclaim"
+    );
+}
+
+/// A fake OpenAI-compatible upstream: streams `tokens` content deltas as SSE, then `[DONE]`, or
+/// breaks the connection after them when `fail` is set.
+async fn fake_upstream(tokens: usize, fail: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..tokens)
+                        .map(|i| {
+                            let chunk = serde_json::json!({ "choices": [{ "delta": { "content": format!("t{i} ") } }] });
+                            Ok(Frame::data(Bytes::from(format!("data: {chunk}\n\n"))))
+                        })
+                        .collect();
+                    frames.insert(0, Ok(Frame::data(Bytes::from(": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n"))));
+                    if fail {
+                        frames.push(Err(std::io::Error::other("upstream crashed")));
+                    } else {
+                        frames.push(Ok(Frame::data(Bytes::from("data: [DONE]\n\n"))));
+                    }
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    let response = hyper::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body)
+                        .unwrap();
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+async fn pay_upstream(tokens: usize, fail: bool) -> (usize, paystream::client::Receipt) {
+    let upstream = fake_upstream(tokens, fail).await;
+    let mut options = Options::new(r#"{"perMessage":{"amount":"3","per":"1000"}}"#);
+    options.resource = Some(Arc::new(OpenAiUpstream {
+        base_url: upstream,
+        model: "fake".into(),
+        api_key: None,
+        timeout: Duration::from_secs(10),
+    }));
+    let stack = Stack::start(options).await;
+    let challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let client = payer(
+        &stack,
+        Policy {
+            max_per_message: Some(Price {
+                amount: 1,
+                per: 100,
+            }),
+            ..policy(stack.chain_id)
+        },
+    )
+    .await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(4), 1_000)
+        .await
+        .unwrap();
+    session
+        .request(serde_json::json!({ "prompt": "hello" }))
+        .await
+        .unwrap();
+    // Read until the upstream's units stop: the stream is idle, then close.
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1500), session.next()).await {
+            Ok(Ok(Some(Event::App { data, .. }))) => {
+                assert_eq!(data["token"], format!("t{got} "));
+                got += 1;
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => break, // nothing more is coming
+        }
+    }
+    (got, session.close(false).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_upstream_is_charged_per_delivered_token() {
+    let (got, receipt) = pay_upstream(1_000, false).await;
+    assert_eq!(got, 1_000);
+    assert_eq!(receipt.consumed, 3, "1,000 tokens at 0.003 = exactly 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_mid_stream_bills_only_what_was_delivered() {
+    // The upstream emits 700 tokens and then breaks the connection; whatever of them reached
+    // the client (the break can lose the last few in transit) is what is billed, exactly.
+    let (got, receipt) = pay_upstream(700, true).await;
+    assert!((600..=700).contains(&got), "{got}");
+    assert_eq!(receipt.consumed, (got as u128 * 3).div_ceil(1000));
+    assert_eq!(receipt.settled, receipt.consumed);
+}
