@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use k256::ecdsa::SigningKey;
 use paystream::chain::Channels;
 use paystream::chain::evm::{EvmBackend, EvmNode};
-use paystream::channel::{ChannelDomain, ChannelState, signature};
+use paystream::channel::{ChannelDomain, signature};
 use paystream::meter::{MeterConfig, Tariff};
 use paystream::protocol::{
     ClientMessage, ServerMessage, SignedStateMsg, decode_server, encode_client, encode_server,
@@ -98,18 +98,7 @@ async fn start_paid() -> Paid {
 fn voucher(p: &mut Paid, cumulative: u128) -> SignedStateMsg {
     p.nonce += 1;
     let key = SigningKey::from_slice(&PAYER).unwrap();
-    let state = ChannelState {
-        channelId: p.channel,
-        nonce: p.nonce,
-        cumulative,
-    };
-    let sig = signature::sign_digest(&key, &p.domain.state_digest(&state));
-    SignedStateMsg {
-        channel_id: p.channel,
-        nonce: p.nonce,
-        cumulative,
-        signature: signature::to_bytes(&sig).to_vec().into(),
-    }
+    SignedStateMsg::sign(&p.domain, &key, p.channel, p.nonce, cumulative)
 }
 
 /// One paid session streaming `MESSAGES` tokens; returns the time from request to last token.

@@ -6,44 +6,53 @@ use common::anvil::DEV_KEYS;
 use common::stack::{Options, Stack};
 use std::process::Command;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pay_streams_and_prints_a_checked_receipt() {
-    let mut options = Options::new(r#"{"perMessage":{"amount":"1","per":"2"}}"#);
-    options.tokens_per_sec = 1_000;
-    let stack = Stack::start(options).await;
-    let url = format!("{}/tokens", stack.url);
-    let rpc = stack.anvil.url.clone();
-    let contract = stack.contract.to_string();
-    let chain = stack.chain_id.to_string();
-    let out = tokio::task::spawn_blocking(move || {
+/// Runs `paystream pay` against the stack's server with a per-message maximum of `max_price`.
+async fn pay(stack: &Stack, max_price: &str, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<String> = vec![
+        "pay".into(),
+        format!("{}/tokens", stack.url),
+        "--rpc-url".into(),
+        stack.anvil.url.clone(),
+        "--contract".into(),
+        stack.contract.to_string(),
+        "--chain".into(),
+        stack.chain_id.to_string(),
+    ];
+    for a in [
+        "--deposit",
+        "5000",
+        "--max-total",
+        "5000",
+        "--max-window",
+        "50",
+        "--max-per-message",
+        max_price,
+    ] {
+        args.push(a.into());
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_paystream"))
-            .args([
-                "pay",
-                &url,
-                "--rpc-url",
-                &rpc,
-                "--contract",
-                &contract,
-                "--chain",
-                &chain,
-            ])
-            .args([
-                "--deposit",
-                "5000",
-                "--max-total",
-                "5000",
-                "--max-window",
-                "50",
-                "--max-per-message",
-                "1/2",
-            ])
-            .args(["--prompt", "hi", "--max-tokens", "120", "--close-channel"])
+            .args(&args)
             .env("PAYSTREAM_PAYER_KEY", DEV_KEYS[1])
             .output()
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pay_streams_and_prints_a_checked_receipt() {
+    let mut options = Options::new(r#"{"perMessage":{"amount":"1","per":"2"}}"#);
+    options.tokens_per_sec = 1_000;
+    let stack = Stack::start(options).await;
+    let out = pay(
+        &stack,
+        "1/2",
+        &["--prompt", "hi", "--max-tokens", "120", "--close-channel"],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -60,38 +69,7 @@ async fn pay_streams_and_prints_a_checked_receipt() {
     );
 
     // Over the policy: refused before any money moves, with a clear message and exit code 1.
-    let url = format!("{}/tokens", stack.url);
-    let rpc = stack.anvil.url.clone();
-    let contract = stack.contract.to_string();
-    let chain = stack.chain_id.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_paystream"))
-            .args([
-                "pay",
-                &url,
-                "--rpc-url",
-                &rpc,
-                "--contract",
-                &contract,
-                "--chain",
-                &chain,
-            ])
-            .args([
-                "--deposit",
-                "5000",
-                "--max-total",
-                "5000",
-                "--max-window",
-                "50",
-                "--max-per-message",
-                "1/3",
-            ])
-            .env("PAYSTREAM_PAYER_KEY", DEV_KEYS[1])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = pay(&stack, "1/3", &[]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("terms refused"));
 }

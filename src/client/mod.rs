@@ -20,7 +20,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub use policy::Policy;
 
 use crate::chain::{Backend, ChainError, ChannelChain, Channels};
-use crate::channel::{ChannelDomain, ChannelKey, ChannelState, signature};
+use crate::channel::{ChannelDomain, ChannelKey, signature};
 use crate::meter::{NANOS_PER_SEC, Tariff};
 use crate::protocol::{
     ClientMessage, PAYMENT_REQUIRED_HEADER, PaymentRequired, PaymentRequirements, ServerMessage,
@@ -339,18 +339,7 @@ impl PaySession {
     }
 
     fn voucher(&self, nonce: u64, cumulative: u128) -> SignedStateMsg {
-        let state = ChannelState {
-            channelId: self.channel,
-            nonce,
-            cumulative,
-        };
-        let sig = signature::sign_digest(&self.key, &self.domain.state_digest(&state));
-        SignedStateMsg {
-            channel_id: self.channel,
-            nonce,
-            cumulative,
-            signature: signature::to_bytes(&sig).to_vec().into(),
-        }
+        SignedStateMsg::sign(&self.domain, &self.key, self.channel, nonce, cumulative)
     }
 
     /// What the channel's consumption may rightly be: what was consumed before this session

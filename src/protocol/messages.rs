@@ -51,6 +51,32 @@ pub struct SignedStateMsg {
     pub signature: Bytes,
 }
 
+impl SignedStateMsg {
+    /// Signs `ChannelState(channel, nonce, cumulative)` under `domain` with the payer's `key`
+    /// (RFC 6979, low-s): the `open` or `voucher` a client sends.
+    pub fn sign(
+        domain: &crate::channel::ChannelDomain,
+        key: &k256::ecdsa::SigningKey,
+        channel: B256,
+        nonce: u64,
+        cumulative: u128,
+    ) -> Self {
+        use crate::channel::{ChannelState, signature};
+        let state = ChannelState {
+            channelId: channel,
+            nonce,
+            cumulative,
+        };
+        let sig = signature::sign_digest(key, &domain.state_digest(&state));
+        Self {
+            channel_id: channel,
+            nonce,
+            cumulative,
+            signature: signature::to_bytes(&sig).to_vec().into(),
+        }
+    }
+}
+
 /// A message from the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

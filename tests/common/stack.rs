@@ -192,18 +192,7 @@ pub fn sign_voucher(
     nonce: u64,
     cumulative: u128,
 ) -> SignedStateMsg {
-    let state = ChannelState {
-        channelId: channel,
-        nonce,
-        cumulative,
-    };
-    let sig = signature::sign_digest(key, &domain.state_digest(&state));
-    SignedStateMsg {
-        channel_id: channel,
-        nonce,
-        cumulative,
-        signature: signature::to_bytes(&sig).to_vec().into(),
-    }
+    SignedStateMsg::sign(domain, key, channel, nonce, cumulative)
 }
 
 /// A protocol client for tests: signs with the payer's key.
