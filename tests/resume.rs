@@ -153,3 +153,49 @@ async fn resuming_a_connected_session_supersedes_the_old_connection() {
     new.recv_until(|m| matches!(m, ServerMessage::VoucherAck { nonce: 2, .. }))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_per_channel_so_credit_is_never_spent_twice() {
+    let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
+    let id = stack.open_channel(payee(), 3, 1_000).await;
+    let mut first = stack.client(id).await;
+    first.open(1, 100).await;
+    first
+        .send(&ClientMessage::Request {
+            body: serde_json::json!({ "maxTokens": 30 }),
+        })
+        .await;
+    first
+        .recv_until(|m| matches!(m, ServerMessage::App { seq: 29, .. }))
+        .await;
+
+    // A second connection on the same channel while the first is live: refused, nothing changes.
+    let mut second = stack.client(id).await;
+    let refused = second.open(2, 100).await;
+    assert!(
+        matches!(&refused, ServerMessage::Error { code, retriable: true, .. } if code == "channel_busy"),
+        "{refused:?}"
+    );
+
+    // Once the first is gone, a new session opens and carries the consumption over: the same
+    // credit is not delivered twice.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        // The server notices the drop when it reads the socket's end; retry the open until then.
+        match second.open(2, 100).await {
+            s @ ServerMessage::Session { .. } => {
+                reopened = Some(s);
+                break;
+            }
+            ServerMessage::Error { code, .. } if code == "channel_busy" => {
+                tokio::task::yield_now().await
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let Some(ServerMessage::Session { consumed, .. }) = reopened else {
+        panic!("never reopened")
+    };
+    assert_eq!(consumed, 30, "the first session's consumption carries over");
+}

@@ -488,6 +488,20 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
         match message {
             ClientMessage::Open(msg) => {
+                // Claim the channel first, so the state loaded below is not changing under
+                // another session of this process.
+                let id = self.state.next_session_id();
+                let Some((token, kick)) = self.state.registry.admit(&id, msg.channel_id) else {
+                    let effects = vec![Effect::Send(ServerMessage::Error {
+                        code: "channel_busy".into(),
+                        message:
+                            "another session is open on this channel; resume it or close it first"
+                                .into(),
+                        retriable: true,
+                        data: None,
+                    })];
+                    return self.apply(effects).await;
+                };
                 let info = match self.state.read_channel(msg.channel_id).await {
                     Ok(info) => info,
                     Err(e) => {
@@ -497,6 +511,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                             retriable: true,
                             data: None,
                         })];
+                        self.state.registry.remove(&id);
                         return self.apply(effects).await;
                     }
                 };
@@ -514,11 +529,10 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                             }),
                             Effect::Close(CloseCode::Internal, e.code().into()),
                         ];
+                        self.state.registry.remove(&id);
                         return self.apply(effects).await;
                     }
                 };
-                let id = self.state.next_session_id();
-                let (token, kick) = self.state.registry.admit(&id, msg.channel_id);
                 let now = self.state.now();
                 let opened = {
                     let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());

@@ -77,13 +77,23 @@ impl Registry {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A fresh token for a new session `sid` on `channel`; registers the session as active.
-    pub fn admit(&self, sid: &str, channel: B256) -> (String, oneshot::Receiver<()>) {
+    /// A fresh token for a new session `sid` on `channel`, registered as active. One session
+    /// per channel: a parked session on the channel is dropped (its consumption was saved when
+    /// it was parked), and a channel with an active session is refused (`None`), since two
+    /// sessions metering against the same credit could deliver it twice.
+    pub fn admit(&self, sid: &str, channel: B256) -> Option<(String, oneshot::Receiver<()>)> {
+        let mut slots = self.lock();
+        Self::reap(&mut slots, self.window);
+        if slots
+            .values()
+            .any(|s| s.channel == channel && matches!(s.state, SlotState::Active { .. }))
+        {
+            return None;
+        }
+        slots.retain(|_, s| s.channel != channel);
         let jti = random_id();
         let token = self.keys.issue(sid, channel, &jti, unix_secs());
         let (tx, rx) = oneshot::channel();
-        let mut slots = self.lock();
-        Self::reap(&mut slots, self.window);
         slots.insert(
             sid.to_string(),
             Slot {
@@ -92,7 +102,7 @@ impl Registry {
                 state: SlotState::Active { kick: Some(tx) },
             },
         );
-        (token, rx)
+        Some((token, rx))
     }
 
     /// Parks a session after its connection dropped. Returns it back if it cannot be parked
