@@ -362,8 +362,10 @@ async fn a_slow_reader_is_not_charged_for_the_time_it_blocks_delivery() {
     // whole wall time (more than 3 s).
     let charged_ms = consumed / 1_000;
     assert!(wall.as_millis() >= 3_000);
+    // At least two of the three seconds the client did not read went uncharged (slack for a
+    // slow machine reading the 24 MiB afterwards).
     assert!(
-        charged_ms < 1_500,
+        charged_ms + 2_000 < wall.as_millis(),
         "charged {charged_ms} ms of {} ms: blocked time was charged",
         wall.as_millis()
     );
