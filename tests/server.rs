@@ -4,7 +4,6 @@
 
 mod common;
 
-use alloy::primitives::U256;
 use common::stack::{ETH, Options, Stack, payee};
 use paystream::protocol::{ClientMessage, PaymentRequired, ServerMessage};
 use paystream::store::ChannelStore;
@@ -274,7 +273,6 @@ async fn a_client_that_stops_paying_gets_nothing_unpaid() {
         stack.state.store.pending_claims(10).await.unwrap()[0].amount,
         25
     );
-    let _ = U256::ZERO;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

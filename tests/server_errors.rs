@@ -5,7 +5,7 @@
 mod common;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
-use common::stack::{Client, ETH, Options, Stack, payee, sign_voucher};
+use common::stack::{Client, Options, Stack, payee, sign_voucher};
 use k256::ecdsa::SigningKey;
 use paystream::protocol::{ClientMessage, ServerMessage};
 use paystream::store::ChannelStore;
@@ -379,5 +379,4 @@ async fn shutdown_closes_sessions_with_1001_and_queues_their_claims() {
         claims.iter().find(|c| c.channel_id == id).map(|c| c.amount),
         Some(5)
     );
-    let _ = ETH;
 }
