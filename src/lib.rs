@@ -31,6 +31,8 @@
 //! Dependencies point one way: `server -> session -> {meter, channel, protocol}`; `channel`,
 //! `meter` and `protocol` never touch tokio, Redis, WebSockets or an RPC provider.
 
+#![warn(missing_docs)]
+
 pub mod chain;
 pub mod channel;
 pub mod client;
