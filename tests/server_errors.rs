@@ -172,6 +172,39 @@ async fn voucher_errors_change_nothing() {
         "wrong_channel",
     )
     .await;
+    // /metrics counts the refusals by code and the vouchers accepted.
+    let metrics = http_get(&stack.url, "/metrics").await;
+    assert!(
+        metrics.contains("paystream_rejected_total{code=\"invalid_signature\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("paystream_rejected_total{code=\"stale_nonce\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("paystream_vouchers_accepted_total 14"),
+        "7 opens and 7 vouchers: {metrics}"
+    );
+    assert!(
+        metrics.contains("paystream_voucher_verification_seconds_count 14"),
+        "{metrics}"
+    );
+}
+
+/// The body of a plain HTTP/1.1 GET.
+async fn http_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 /// The malleable twin: s' = n - s, parity flipped.
