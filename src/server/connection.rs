@@ -406,8 +406,13 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         let message = match inbound {
             None => return self.disconnected().await,
             Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                use tokio_tungstenite::tungstenite::error::CapacityError;
+                let len = match e {
+                    CapacityError::MessageTooLong { size, .. } => size,
+                    CapacityError::TooManyHeaders => 0,
+                };
                 let error = ProtocolError::TooLarge {
-                    len: 0,
+                    len,
                     max: self.state.limits.max_message_bytes,
                 };
                 debug!("frame too large: {e}");
