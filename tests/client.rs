@@ -248,6 +248,112 @@ async fn the_client_refuses_to_sign_for_a_server_that_overclaims() {
     );
 }
 
+/// A fake server on a real channel: it asks for a voucher before sending anything (the units
+/// are still in flight), so the client's own count plus its window (2) does not exceed the
+/// credit it already signed (2) and it can only wait. Then it sends tokens at 1/1000 each:
+/// from the first one the client's count allows more credit, and it must answer the ask it
+/// deferred, without being asked again. Before the fix it dropped the ask, and the real server never asked twice: the
+/// demo paused at exhausted credit and ended with 4408 about half the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_answers_a_deferred_need_voucher_once_its_count_catches_up() {
+    let stack = Stack::start(Options::new(
+        r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
+    ))
+    .await;
+    let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    challenge.accepts[0].extra.ws_endpoint =
+        format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
+    let (voucher_tx, voucher_rx) = tokio::sync::oneshot::channel::<(u64, u128)>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let Some(Ok(Message::Text(open))) = ws.next().await else {
+            panic!("no open")
+        };
+        let ClientMessage::Open(open) = decode_client(&open).unwrap() else {
+            panic!("not open")
+        };
+        assert_eq!(open.cumulative, 2, "the first voucher is one window");
+        let send = |m: ServerMessage| Message::Text(encode_server(&m).into());
+        ws.send(send(ServerMessage::Session {
+            session_id: "s".into(),
+            resume_token: "t".into(),
+            channel_id: open.channel_id,
+            nonce: open.nonce,
+            cumulative: open.cumulative,
+            consumed: 0,
+            tariff: Box::new(
+                paystream::meter::Tariff::from_json(
+                    r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
+                )
+                .unwrap(),
+            ),
+            heartbeat_ms: 5000,
+        }))
+        .await
+        .unwrap();
+        ws.send(send(ServerMessage::NeedVoucher {
+            consumed: 1,
+            cumulative: 2,
+            suggested: 6,
+            deadline_ms: 30_000,
+        }))
+        .await
+        .unwrap();
+        for seq in 0..1_500 {
+            ws.send(send(ServerMessage::App {
+                seq,
+                data: serde_json::json!({ "token": "x" }),
+            }))
+            .await
+            .unwrap();
+        }
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m
+                && let Ok(ClientMessage::Voucher(v)) = decode_client(&t)
+            {
+                let _ = voucher_tx.send((v.nonce, v.cumulative));
+                return;
+            }
+        }
+    });
+    let mut policy = policy(stack.chain_id);
+    policy.max_credit_window = 2;
+    let client = payer(&stack, policy).await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(4), 1_000)
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        // Read until the fake server hangs up (after it got the voucher).
+        let (mut signed, mut messages) = (None, 0);
+        while let Ok(Some(event)) = session.next().await {
+            if let Event::VoucherSigned { nonce, cumulative } = event
+                && signed.is_none()
+            {
+                signed = Some((nonce, cumulative));
+                messages = session.messages();
+            }
+        }
+        (signed, messages)
+    });
+    let got = tokio::time::timeout(Duration::from_secs(20), voucher_rx)
+        .await
+        .expect("the client answered the deferred ask")
+        .unwrap();
+    // Signed at the first token: its count (0.001, rounded up to 1) plus its window (2).
+    assert_eq!(got, (2, 3));
+    let (signed, messages) = reader.await.unwrap();
+    assert_eq!(signed, Some((2, 3)));
+    assert_eq!(
+        messages, 1,
+        "signed as soon as its count allowed more credit"
+    );
+}
+
 /// A fake OpenAI-compatible upstream: streams `tokens` content deltas as SSE, then `[DONE]`, or
 /// breaks the connection after them when `fail` is set.
 async fn fake_upstream(tokens: usize, fail: bool) -> String {

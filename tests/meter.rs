@@ -502,3 +502,40 @@ fn a_client_that_stops_paying_gets_nothing_unpaid() {
         })
     );
 }
+
+/// The demo's stream (0.3 micro-cents per token, 250 tokens per second, a 2-unit window): the
+/// first message after a voucher lands 1.5 ms into the new credit window. One message over
+/// 1.5 ms is no measure of a rate; extrapolated over the asking horizon it looked like 2 base
+/// units per second (2.7 times the real rate), and the meter asked for the next voucher at
+/// message 1, with less than a third of a base unit used, when the client's own count (the
+/// cap on what it signs) could not honour it yet.
+#[test]
+fn one_message_right_after_a_voucher_is_not_a_burn_rate() {
+    let t = Tariff::from_json(r#"{"perMessage":{"amount":"3","per":"1000"}}"#).unwrap();
+    let mut m = Meter::new(&t, MeterConfig::with_credit_window(2), 0, 0).unwrap();
+    m.connect(0);
+    m.set_cumulative(2, 10 * MS).unwrap();
+    let first = 10 * MS + 1_500_000;
+    m.try_message(56, first).unwrap();
+    assert_eq!(
+        m.poll_need_voucher(first),
+        None,
+        "asked at the first message"
+    );
+    // At the real rate (one token every 4 ms) the ask comes once the credit left is less than
+    // a horizon's worth (about 0.75 base units over the default 1 s): after about 417 tokens.
+    let mut asked_at = None;
+    for i in 1..667u64 {
+        let now = first + i * 4 * MS;
+        m.try_message(56, now).unwrap();
+        if m.poll_need_voucher(now).is_some() {
+            asked_at = Some(i + 1);
+            break;
+        }
+    }
+    let asked_at = asked_at.expect("asked before the credit ran out");
+    assert!(
+        (300..667).contains(&asked_at),
+        "asked after {asked_at} tokens"
+    );
+}

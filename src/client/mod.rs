@@ -9,6 +9,7 @@
 
 mod policy;
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use alloy::primitives::{Address, B256, U256};
@@ -249,6 +250,8 @@ impl<B: Backend> Payer<B> {
             vouchers: 0,
             session_id: None,
             resume_token: None,
+            ask: None,
+            queued: VecDeque::new(),
         };
         session.open().await?;
         Ok(session)
@@ -288,6 +291,10 @@ pub struct PaySession {
     vouchers: u64,
     session_id: Option<String>,
     resume_token: Option<String>,
+    /// The `suggested` of a `need_voucher` not answered yet.
+    ask: Option<u128>,
+    /// Events to hand out before reading more (a voucher signed on the way to another event).
+    queued: VecDeque<Event>,
 }
 
 /// `ceil(sum(units * amount / per))` over the tariff's kinds.
@@ -507,63 +514,94 @@ impl PaySession {
     }
 
     /// The next event, answering `need_voucher` on the way; `None` when the stream ended.
+    ///
+    /// An ask the client cannot honour yet (the server counts units still in flight, so the
+    /// client's own count plus its window does not exceed the credit it already signed) is
+    /// kept, and answered as soon as the client's count allows it: the client never drops an
+    /// ask, so credit never runs dry for want of an answer.
     pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        if let Some(event) = self.queued.pop_front() {
+            return Ok(Some(event));
+        }
         loop {
-            let message = match self.recv().await? {
+            let event = match self.recv().await? {
                 None => return Ok(None),
-                Some(Incoming::Binary(bytes)) => return Ok(Some(Event::Binary(bytes))),
-                Some(Incoming::Server(m)) => m,
+                Some(Incoming::Binary(bytes)) => Some(Event::Binary(bytes)),
+                Some(Incoming::Server(message)) => self.on_server_message(message)?,
             };
-            match message {
-                ServerMessage::App { seq, data } => return Ok(Some(Event::App { seq, data })),
-                ServerMessage::NeedVoucher {
-                    consumed,
-                    suggested,
-                    ..
-                } => {
-                    let received = self.check_claim(consumed)?;
-                    // Never authorize more than what was received plus one window.
-                    let target = suggested
-                        .min(received.saturating_add(self.window))
-                        .min(self.deposit);
-                    if target <= self.cumulative {
-                        continue;
-                    }
-                    let nonce = self.nonce + 1;
-                    let v = self.voucher(nonce, target);
-                    self.send_json(&ClientMessage::Voucher(v)).await?;
-                    self.nonce = nonce;
-                    self.cumulative = target;
-                    self.vouchers += 1;
-                    return Ok(Some(Event::VoucherSigned {
-                        nonce,
-                        cumulative: target,
-                    }));
+            let signed = self.answer_ask().await?;
+            match (event, signed) {
+                (Some(event), Some(signed)) => {
+                    self.queued.push_back(signed);
+                    return Ok(Some(event));
                 }
-                ServerMessage::VoucherAck { consumed, .. } => {
-                    self.check_claim(consumed)?;
-                    self.consumed = consumed;
-                }
-                ServerMessage::Usage {
-                    consumed,
-                    remaining,
-                    ..
-                } => {
-                    self.check_claim(consumed)?;
-                    self.consumed = consumed;
-                    return Ok(Some(Event::Usage {
-                        consumed,
-                        remaining,
-                    }));
-                }
-                ServerMessage::Paused { reason } => return Ok(Some(Event::Paused(reason))),
-                ServerMessage::Resumed {} => return Ok(Some(Event::Resumed)),
-                ServerMessage::Error { code, message, .. } => {
-                    return Ok(Some(Event::Error { code, message }));
-                }
-                ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => {}
+                (Some(event), None) | (None, Some(event)) => return Ok(Some(event)),
+                (None, None) => {}
             }
         }
+    }
+
+    /// What a server message means to the caller, if anything; checks every consumption the
+    /// server states against the client's own count.
+    fn on_server_message(&mut self, message: ServerMessage) -> Result<Option<Event>, ClientError> {
+        Ok(match message {
+            ServerMessage::App { seq, data } => Some(Event::App { seq, data }),
+            ServerMessage::NeedVoucher {
+                consumed,
+                suggested,
+                ..
+            } => {
+                self.check_claim(consumed)?;
+                self.ask = Some(suggested);
+                None
+            }
+            ServerMessage::VoucherAck { consumed, .. } => {
+                self.check_claim(consumed)?;
+                self.consumed = consumed;
+                None
+            }
+            ServerMessage::Usage {
+                consumed,
+                remaining,
+                ..
+            } => {
+                self.check_claim(consumed)?;
+                self.consumed = consumed;
+                Some(Event::Usage {
+                    consumed,
+                    remaining,
+                })
+            }
+            ServerMessage::Paused { reason } => Some(Event::Paused(reason)),
+            ServerMessage::Resumed {} => Some(Event::Resumed),
+            ServerMessage::Error { code, message, .. } => Some(Event::Error { code, message }),
+            ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => None,
+        })
+    }
+
+    /// Signs the voucher the server asked for, if the client's own count allows more credit
+    /// than it already signed: never more than what it received plus one window.
+    async fn answer_ask(&mut self) -> Result<Option<Event>, ClientError> {
+        let Some(suggested) = self.ask else {
+            return Ok(None);
+        };
+        let target = suggested
+            .min(self.received_worth().saturating_add(self.window))
+            .min(self.deposit);
+        if target <= self.cumulative {
+            return Ok(None);
+        }
+        let nonce = self.nonce + 1;
+        let v = self.voucher(nonce, target);
+        self.send_json(&ClientMessage::Voucher(v)).await?;
+        self.ask = None;
+        self.nonce = nonce;
+        self.cumulative = target;
+        self.vouchers += 1;
+        Ok(Some(Event::VoucherSigned {
+            nonce,
+            cumulative: target,
+        }))
     }
 
     /// Ends the session (closing the channel cooperatively when asked) and checks the receipt

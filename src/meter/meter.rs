@@ -126,8 +126,10 @@ pub struct Meter {
     live_until: Nanos,
     /// Start of the current credit window (since the last voucher): instant and consumption.
     window_start: (Nanos, U256),
-    /// Consumption and duration of the previous credit window, for the burn rate.
-    previous_window: (U256, u64),
+    /// Consumption, duration and charges of the previous credit window, for the burn rate.
+    previous_window: (U256, u64, u64),
+    /// Charges (messages, inbound requests) since the current window started.
+    window_events: u64,
     /// The cumulative for which `need_voucher` was already asked.
     asked_at: Option<u128>,
     /// The last full check found no need while the credit left was above this (scaled) and
@@ -137,6 +139,8 @@ pub struct Meter {
     recheck_at: Nanos,
     /// When `need_voucher` was last asked (for the spacing between asks).
     last_ask: Option<Nanos>,
+    /// The asking threshold (scaled) of the last ask; the suggested step is twice it.
+    ask_step: U256,
 }
 
 impl Meter {
@@ -163,11 +167,13 @@ impl Meter {
             accrued_to: now,
             live_until: now,
             window_start: (now, U256::ZERO),
-            previous_window: (U256::ZERO, 0),
+            previous_window: (U256::ZERO, 0, 0),
+            window_events: 0,
             asked_at: None,
             skip_while_room_above: U256::MAX,
             recheck_at: 0,
             last_ask: None,
+            ask_step: U256::ZERO,
         })
     }
 
@@ -316,6 +322,7 @@ impl Meter {
         }
         self.messages += 1;
         self.bytes_out += bytes;
+        self.window_events += 1;
         Ok(())
     }
 
@@ -325,6 +332,7 @@ impl Meter {
         self.accrue(now.max(self.accrued_to));
         self.charge(self.rates.byte_in * U256::from(bytes))?;
         self.bytes_in += bytes;
+        self.window_events += 1;
         Ok(())
     }
 
@@ -350,9 +358,14 @@ impl Meter {
         });
         let (start, scaled_at_start) = self.window_start;
         if now > start {
-            self.previous_window = (self.scaled - scaled_at_start, now - start);
+            self.previous_window = (
+                self.scaled - scaled_at_start,
+                now - start,
+                self.window_events,
+            );
         }
         self.window_start = (now, self.scaled);
+        self.window_events = 0;
         self.asked_at = None;
         self.recheck_at = 0;
         Ok(())
@@ -366,10 +379,27 @@ impl Meter {
     /// The burn rate as (scaled consumption, nanoseconds): the faster of the current and the
     /// previous credit window, so a speed-up is seen at once and a lull does not hide the rate
     /// the client will need again.
+    ///
+    /// `n` charges seen in a window of `t` nanoseconds are counted as `n - 1/2` charges: the
+    /// first one came some way into the window, half an interval on average. Counted whole,
+    /// one message 1.5 ms after a voucher landed made the demo's stream (one message every
+    /// 4 ms) look 2.7 times faster than it was, and the meter asked for credit before the
+    /// client could honour the ask. Time charges (no events) are counted as they are.
     fn burn_rate(&self, now: Nanos) -> (U256, u64) {
+        let unbias = |burned: U256, events: u64| {
+            if events == 0 {
+                burned
+            } else {
+                burned.saturating_mul(U256::from(2 * events - 1)) / U256::from(2 * events)
+            }
+        };
         let (start, scaled_at_start) = self.window_start;
-        let current = (self.scaled - scaled_at_start, now.saturating_sub(start));
-        let previous = self.previous_window;
+        let current = (
+            unbias(self.scaled - scaled_at_start, self.window_events),
+            now.saturating_sub(start),
+        );
+        let (burned, length, events) = self.previous_window;
+        let previous = (unbias(burned, events), length);
         // a/b > c/d  <=>  a*d > c*b
         let faster = |(a, b): (U256, u64), (c, d): (U256, u64)| {
             a.saturating_mul(U256::from(d)) > c.saturating_mul(U256::from(b))
@@ -443,11 +473,26 @@ impl Meter {
         }
         self.asked_at = Some(self.cumulative);
         self.last_ask = Some(now);
+        self.ask_step = expected.max(floor);
+        Some(self.ask(burned, over_ns))
+    }
+
+    /// The ask for the current cumulative again (the session repeats it while delivery is
+    /// paused for credit), with the consumption as it stands now.
+    pub fn repeat_need_voucher(&mut self, now: Nanos) -> NeedVoucher {
+        self.accrue(now.max(self.accrued_to));
+        let (burned, over_ns) = self.burn_rate(now);
+        self.last_ask = Some(now);
+        self.ask(burned, over_ns)
+    }
+
+    fn ask(&self, burned: U256, over_ns: u64) -> NeedVoucher {
+        let room = self.limit - self.scaled;
         let consumed = self.consumed();
         // The step is at least twice the asking threshold: a window smaller than what the
         // client uses in one round trip would have it signing again as soon as it signed.
         let d = self.rates.denominator;
-        let threshold = expected.max(floor).saturating_mul(U256::from(2u8));
+        let threshold = self.ask_step.saturating_mul(U256::from(2u8));
         let burn_step: u128 = threshold.div_ceil(d).try_into().unwrap_or(u128::MAX);
         let window = self.config.credit_window.max(1).max(burn_step);
         let mut suggested = consumed.saturating_add(window);
@@ -460,12 +505,12 @@ impl Meter {
             let ns = room.saturating_mul(U256::from(over_ns)) / burned;
             Some(ns.try_into().unwrap_or(u64::MAX))
         };
-        Some(NeedVoucher {
+        NeedVoucher {
             consumed,
             cumulative: self.cumulative,
             suggested,
             runs_out_in_ns,
-        })
+        }
     }
 
     /// Consumption so far, rounded up to whole base units: what settling now would take.

@@ -35,6 +35,9 @@ pub const DEFAULT_USAGE_INTERVAL_MS: u64 = 2_000;
 pub const DEFAULT_HEARTBEAT_MS: u64 = 5_000;
 /// At most 20 vouchers in any second: an honest client signs one per credit window.
 pub const DEFAULT_MAX_VOUCHERS_PER_SEC: usize = 20;
+/// While delivery is paused for credit, an unanswered `need_voucher` is repeated every second
+/// until its deadline: cheap, and a client that deferred the first ask answers within one.
+pub const REASK_INTERVAL_MS: u64 = 1_000;
 
 const NS_PER_MS: u64 = 1_000_000;
 
@@ -118,6 +121,8 @@ pub struct Session {
     paused_sent: bool,
     /// When the `need_voucher` sent last must be answered by.
     voucher_deadline: Option<Nanos>,
+    /// When the last `need_voucher` went out.
+    asked_at: Nanos,
     next_usage: Nanos,
     recent_vouchers: VecDeque<Nanos>,
     persisted_consumed: u128,
@@ -231,6 +236,7 @@ impl Session {
             seq: 0,
             paused_sent: false,
             voucher_deadline: None,
+            asked_at: 0,
             next_usage,
             recent_vouchers: VecDeque::new(),
             persisted_consumed: consumed,
@@ -461,11 +467,46 @@ impl Session {
         }
         self.voucher_deadline =
             Some(now.saturating_add(self.params.voucher_deadline_ms.saturating_mul(NS_PER_MS)));
+        self.asked_at = now;
         vec![Effect::Send(ServerMessage::NeedVoucher {
             consumed: ask.consumed,
             cumulative: ask.cumulative,
             suggested,
             deadline_ms: self.params.voucher_deadline_ms,
+        })]
+    }
+
+    /// When an unanswered ask is repeated: while delivery is paused for credit, every
+    /// [`REASK_INTERVAL_MS`] until the deadline. A client whose count lagged the server's when
+    /// the first ask came (units in flight) may have deferred it; asking once per cumulative
+    /// and then waiting for the deadline closed such sessions with 4408.
+    fn reask_at(&self) -> Option<Nanos> {
+        let deadline = self.voucher_deadline?;
+        if self.pending.is_some() || !self.meter.is_paused(PauseReason::Exhausted) {
+            return None;
+        }
+        let at = self
+            .asked_at
+            .saturating_add(REASK_INTERVAL_MS.saturating_mul(NS_PER_MS));
+        (at < deadline).then_some(at)
+    }
+
+    /// Repeats the ask with the consumption as it stands, under the original deadline.
+    fn reask(&mut self, now: Nanos) -> Vec<Effect> {
+        let Some(deadline) = self.voucher_deadline else {
+            return Vec::new();
+        };
+        let ask = self.meter.repeat_need_voucher(now);
+        let suggested = ask
+            .suggested
+            .min(self.channel.deposit())
+            .max(ask.cumulative);
+        self.asked_at = now;
+        vec![Effect::Send(ServerMessage::NeedVoucher {
+            consumed: ask.consumed,
+            cumulative: ask.cumulative,
+            suggested,
+            deadline_ms: deadline.saturating_sub(now) / NS_PER_MS,
         })]
     }
 
@@ -513,6 +554,9 @@ impl Session {
             effects.extend(self.finish(false, CloseCode::VoucherDeadline, now, false));
             return effects;
         }
+        if self.reask_at().is_some_and(|at| now >= at) {
+            effects.extend(self.reask(now));
+        }
         if now >= self.next_usage {
             self.next_usage =
                 now.saturating_add(self.params.usage_interval_ms.saturating_mul(NS_PER_MS));
@@ -539,6 +583,7 @@ impl Session {
         [
             Some(self.next_usage),
             self.voucher_deadline,
+            self.reask_at(),
             self.meter.exhausted_at().map(|t| t.saturating_add(1)),
         ]
         .into_iter()
