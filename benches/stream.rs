@@ -18,7 +18,7 @@ use k256::ecdsa::SigningKey;
 use paystream::chain::Channels;
 use paystream::chain::evm::{EvmBackend, EvmNode};
 use paystream::channel::{ChannelDomain, signature};
-use paystream::meter::{MeterConfig, Tariff};
+use paystream::meter::Tariff;
 use paystream::protocol::{
     ClientMessage, ServerMessage, SignedStateMsg, decode_server, encode_client, encode_server,
 };
@@ -55,19 +55,17 @@ async fn start_paid() -> Paid {
         .unwrap();
     let domain = ChannelDomain::new(31337, contract.address());
     let params = SessionParams {
-        domain,
-        payee,
-        token: Address::ZERO,
-        tariff: Tariff::from_json(
-            r#"{"perMessage":{"amount":"1","per":"1"},"perByteOut":{"amount":"1","per":"1000"}}"#,
-        )
-        .unwrap(),
-        meter: MeterConfig::with_credit_window(10_000),
-        min_deposit: 0,
-        heartbeat_ms: 5_000,
-        usage_interval_ms: 2_000,
-        voucher_deadline_ms: 30_000,
         max_vouchers_per_sec: 1_000,
+        ..SessionParams::new(
+            domain,
+            payee,
+            Address::ZERO,
+            Tariff::from_json(
+                r#"{"perMessage":{"amount":"1","per":"1"},"perByteOut":{"amount":"1","per":"1000"}}"#,
+            )
+            .unwrap(),
+            10_000,
+        )
     };
     let mut resources = Resources::new();
     let tokens: Arc<dyn Resource> = Arc::new(TokenGenerator {

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 
 use alloy::primitives::Address;
 use serde::Deserialize;
@@ -13,36 +12,16 @@ use crate::meter::{DEFAULT_LIVENESS_NS, DEFAULT_MARGIN_NS, DEFAULT_RTT_NS, Meter
 use crate::protocol::money;
 use crate::server::Limits;
 use crate::session::{
-    DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_VOUCHERS_PER_SEC, DEFAULT_USAGE_INTERVAL_MS,
-    DEFAULT_VOUCHER_DEADLINE_MS,
+    DEFAULT_HEARTBEAT_MS, DEFAULT_MAX_REQUESTS_PER_SEC, DEFAULT_MAX_VOUCHERS_PER_SEC,
+    DEFAULT_MIN_WITHDRAW_DELAY_SECS, DEFAULT_USAGE_INTERVAL_MS, DEFAULT_VOUCHER_DEADLINE_MS,
 };
 
-/// 65,536 payer keys take about 8 MiB and cover far more channels than one node serves at
-/// once; a miss costs one signature recovery, never an error.
-pub const DEFAULT_PAYER_KEY_CACHE_ENTRIES: usize = 65_536;
 /// Listen address of `paystream serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default token generator rate: about a fast LLM's speed.
 pub const DEFAULT_TOKENS_PER_SEC: u32 = 50;
 /// Default tokens per request of the token generator.
 pub const DEFAULT_MAX_TOKENS: u64 = 1_000;
-
-/// How the engine checks vouchers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelConfig {
-    /// Size of the LRU cache of payers' public keys
-    /// ([`PayerKeys`](crate::channel::PayerKeys)).
-    pub payer_key_cache_entries: NonZeroUsize,
-}
-
-impl Default for ChannelConfig {
-    fn default() -> Self {
-        Self {
-            payer_key_cache_entries: NonZeroUsize::new(DEFAULT_PAYER_KEY_CACHE_ENTRIES)
-                .expect("the default is non-zero"),
-        }
-    }
-}
 
 /// A configuration that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +154,16 @@ pub struct SessionSection {
     /// How long after a disconnect a session can be resumed.
     #[serde(default = "default_resume_secs")]
     pub resume_window_secs: u64,
+    /// Shortest `withdrawDelay` a channel may have (seconds): the settler's time to claim after
+    /// a withdrawal request.
+    #[serde(default = "default_min_withdraw_delay")]
+    pub min_withdraw_delay_secs: u32,
+    /// Requests per second per session (then `rate_limited`; twice that: 4429).
+    #[serde(default = "default_max_requests")]
+    pub max_requests_per_sec: usize,
+    /// A request while another streams cancels the running one instead of being refused.
+    #[serde(default)]
+    pub replace_requests: bool,
 }
 
 fn default_credit_window() -> u128 {
@@ -203,6 +192,12 @@ fn default_margin_ms() -> u64 {
 }
 fn default_resume_secs() -> u64 {
     300
+}
+fn default_min_withdraw_delay() -> u32 {
+    DEFAULT_MIN_WITHDRAW_DELAY_SECS
+}
+fn default_max_requests() -> usize {
+    DEFAULT_MAX_REQUESTS_PER_SEC
 }
 
 impl Default for SessionSection {
@@ -240,6 +235,20 @@ pub struct LimitsSection {
     pub idle_timeout_ms: Option<u64>,
     /// Channel read cache.
     pub channel_cache_ms: Option<u64>,
+    /// Time a frame may wait for the client's socket before the connection closes.
+    pub send_timeout_ms: Option<u64>,
+    /// Connections per address before one of them opens a session.
+    pub max_unauthenticated_per_ip: Option<usize>,
+    /// Errors a connection without a session gets before it is closed.
+    pub max_errors_before_open: Option<u32>,
+    /// Refused opens per connection (then 4429).
+    pub max_failed_opens_per_connection: Option<u32>,
+    /// Refused opens per address per minute (then 4429).
+    pub max_failed_opens_per_ip_per_min: Option<u32>,
+    /// How often the chain is polled for channel events.
+    pub watch_interval_ms: Option<u64>,
+    /// Blocks per `eth_getLogs` call.
+    pub log_range_blocks: Option<u64>,
 }
 
 impl Default for LimitsSection {
@@ -259,6 +268,21 @@ impl LimitsSection {
             handshake_timeout_ms: self.handshake_timeout_ms.unwrap_or(d.handshake_timeout_ms),
             idle_timeout_ms: self.idle_timeout_ms.unwrap_or(d.idle_timeout_ms),
             channel_cache_ms: self.channel_cache_ms.unwrap_or(d.channel_cache_ms),
+            send_timeout_ms: self.send_timeout_ms.unwrap_or(d.send_timeout_ms),
+            max_unauthenticated_per_ip: self
+                .max_unauthenticated_per_ip
+                .unwrap_or(d.max_unauthenticated_per_ip),
+            max_errors_before_open: self
+                .max_errors_before_open
+                .unwrap_or(d.max_errors_before_open),
+            max_failed_opens_per_connection: self
+                .max_failed_opens_per_connection
+                .unwrap_or(d.max_failed_opens_per_connection),
+            max_failed_opens_per_ip_per_min: self
+                .max_failed_opens_per_ip_per_min
+                .unwrap_or(d.max_failed_opens_per_ip_per_min),
+            watch_interval_ms: self.watch_interval_ms.unwrap_or(d.watch_interval_ms),
+            log_range_blocks: self.log_range_blocks.unwrap_or(d.log_range_blocks),
             ..d
         }
     }

@@ -12,7 +12,9 @@ use k256::ecdsa::SigningKey;
 use paystream::chain::bindings::PaymentChannels::PaymentChannelsErrors;
 use paystream::chain::evm::EvmNode;
 use paystream::chain::rpc::RpcBackend;
-use paystream::chain::{Backend, ChainError, ChannelChain, Channels, Claim, SkipReason};
+use paystream::chain::{
+    Backend, ChainError, ChannelChain, ChannelEvent, Channels, Claim, SkipReason,
+};
 use paystream::channel::{ChannelDomain, ChannelState, Close, signature};
 use std::process::Command;
 
@@ -39,6 +41,7 @@ struct Observed {
     a_after_settle: (u128, u64),
     close: (u128, u128, u128),
     withdraw_requested: Vec<B256>,
+    closed: Vec<B256>,
 }
 
 fn key(i: usize) -> SigningKey {
@@ -157,7 +160,7 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
         .expect("channel a exists");
     assert_eq!((info.payer, info.payee, info.deposit), (payer, payee, ETH));
     let b_info = p.payer.read_channel(b).await.unwrap().unwrap();
-    assert!(b_info.withdraw_requested && !b_info.closed);
+    assert!(b_info.withdraw_requested() && !b_info.closed);
     assert_eq!(
         p.payer.read_channel(B256::repeat_byte(0xee)).await.unwrap(),
         None
@@ -181,7 +184,15 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
     }
     assert!(p.payer.read_channel(a).await.unwrap().unwrap().closed);
 
-    let (requests, _) = p.payee.withdraw_requests(0).await.unwrap();
+    let latest = p.payee.block_number().await.unwrap();
+    let events = p.payee.channel_events(0, latest).await.unwrap();
+    let of = |f: fn(&ChannelEvent) -> bool| -> Vec<B256> {
+        events
+            .iter()
+            .filter(|e| f(e))
+            .map(ChannelEvent::channel_id)
+            .collect()
+    };
     Observed {
         settled: settled
             .claimed
@@ -199,7 +210,8 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
         contract_balance: p.payer.backend().balance(p.payer.address()).await.unwrap(),
         a_after_settle: (info.claimed, info.claimed_nonce),
         close: (closed.claimed, closed.paid, closed.refund),
-        withdraw_requested: requests.iter().map(|r| r.channel_id).collect(),
+        withdraw_requested: of(|e| matches!(e, ChannelEvent::WithdrawRequested(_))),
+        closed: of(|e| matches!(e, ChannelEvent::Closed { .. })),
     }
 }
 
@@ -223,6 +235,7 @@ fn expected(a: B256, b: B256) -> Observed {
         a_after_settle: (2 * ETH / 10, 1),
         close: (5 * ETH / 10, 3 * ETH / 10, 5 * ETH / 10),
         withdraw_requested: vec![b],
+        closed: vec![a],
     }
 }
 

@@ -32,7 +32,8 @@ fn channel(deposit: u128, claimed_nonce: u64, claimed: u128) -> OpenChannel {
         deposit,
         claimed,
         claimed_nonce,
-        withdraw_requested: false,
+        withdraw_delay: 3600,
+        withdraw_at: 0,
         closed: false,
     };
     OpenChannel::open(domain, info, PAYEE, TOKEN).unwrap()
@@ -92,7 +93,7 @@ proptest! {
         (deposit, proposals) in (1u128..5_000).prop_flat_map(|d| (Just(d), prop::collection::vec(proposal(d), 1..24)))
     ) {
         let mut ch = channel(deposit, 0, 0);
-        let mut keys = PayerKeys::default();
+        let keys = PayerKeys::default();
         let (mut nonce, mut cumulative) = (0u64, 0u128);
         let mut history = vec![(nonce, cumulative)];
         for p in &proposals {
@@ -111,7 +112,7 @@ proptest! {
             } else {
                 None
             };
-            match (ch.accept(&voucher, &mut keys), expected) {
+            match (ch.accept(&voucher, &keys), expected) {
                 (Ok(accepted), None) => {
                     prop_assert_eq!((accepted.nonce, accepted.cumulative), (p.nonce, p.cumulative));
                     prop_assert_eq!(accepted.signature, Some(voucher.signature));
@@ -157,7 +158,7 @@ proptest! {
 #[test]
 fn a_top_up_raises_the_ceiling_and_a_stale_read_does_not_lower_it() {
     let mut ch = channel(100, 0, 0);
-    let mut keys = PayerKeys::default();
+    let keys = PayerKeys::default();
     let over = Proposal {
         nonce: 1,
         cumulative: 150,
@@ -166,11 +167,11 @@ fn a_top_up_raises_the_ceiling_and_a_stale_read_does_not_lower_it() {
     };
     let voucher = sign(&ch, &over);
     assert_eq!(
-        ch.accept(&voucher, &mut keys).unwrap_err().code(),
+        ch.accept(&voucher, &keys).unwrap_err().code(),
         "exceeds_deposit"
     );
     ch.raise_deposit(200);
-    ch.accept(&voucher, &mut keys).unwrap();
+    ch.accept(&voucher, &keys).unwrap();
     ch.raise_deposit(50);
     assert_eq!(ch.deposit(), 200);
 }
@@ -203,7 +204,7 @@ fn channels_this_server_cannot_be_paid_through_are_refused() {
         ),
         (
             ChannelInfo {
-                withdraw_requested: true,
+                withdraw_at: 1,
                 ..base
             },
             "channel_not_open",

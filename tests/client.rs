@@ -354,6 +354,158 @@ async fn the_client_answers_a_deferred_need_voucher_once_its_count_catches_up() 
     );
 }
 
+/// A fake server for `start`: answers the first `open` with `first` (a `session` gets the
+/// open's nonce and cumulative) followed by `after`, and each later message with `then`;
+/// reports every voucher (`open` or `voucher`) the client signed.
+async fn fake_server(
+    first: ServerMessage,
+    after: Vec<ServerMessage>,
+    then: Vec<ServerMessage>,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<(u64, u128)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let send = |m: &ServerMessage| Message::Text(encode_server(m).into());
+        let mut then = then.into_iter();
+        let mut first = Some(first);
+        while let Some(Ok(Message::Text(text))) = ws.next().await {
+            let signed = match decode_client(&text) {
+                Ok(ClientMessage::Open(v) | ClientMessage::Voucher(v)) => v,
+                _ => continue,
+            };
+            let _ = tx.send((signed.nonce, signed.cumulative));
+            let reply = match first.take() {
+                Some(mut m) => {
+                    if let ServerMessage::Session {
+                        nonce, cumulative, ..
+                    } = &mut m
+                    {
+                        (*nonce, *cumulative) = (signed.nonce, signed.cumulative);
+                    }
+                    let mut reply = vec![m];
+                    reply.extend(after.clone());
+                    reply
+                }
+                None => then.by_ref().collect(),
+            };
+            for m in &reply {
+                if ws.send(send(m)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (url, rx)
+}
+
+fn per_thousandth() -> paystream::meter::Tariff {
+    paystream::meter::Tariff::from_json(r#"{"perMessage":{"amount":"1","per":"1000"}}"#).unwrap()
+}
+
+/// Item 2: answering `open` with `stale_nonce` data `{nonce: 7, cumulative: 1000}` made the
+/// client sign (8, 1000) on a 1,000 deposit with nothing delivered. A client re-syncs its
+/// nonce from anything (nonces cost nothing), but a cumulative only to one it can prove: its
+/// own signature over it, or the contract's `claimed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_server_cannot_resync_the_client_to_its_deposit() {
+    let stack = Stack::start(Options::new(
+        r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
+    ))
+    .await;
+    let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let lie = ServerMessage::Error {
+        code: "stale_nonce".into(),
+        message: "stale nonce".into(),
+        retriable: true,
+        data: Some(paystream::protocol::ErrorData {
+            nonce: 7,
+            cumulative: 1_000,
+            consumed: 1_000,
+            signature: None,
+        }),
+    };
+    let (url, mut signed) = fake_server(lie.clone(), vec![], vec![lie]).await;
+    challenge.accepts[0].extra.ws_endpoint = url;
+    let mut policy = policy(stack.chain_id);
+    policy.max_credit_window = 2;
+    let client = payer(&stack, policy).await;
+    let result = client.start(&challenge, B256::repeat_byte(5), 1_000).await;
+    assert!(
+        matches!(result, Err(ClientError::UnprovenState { .. })),
+        "{:?}",
+        result.err()
+    );
+    let mut vouchers = Vec::new();
+    while let Ok(v) = signed.try_recv() {
+        vouchers.push(v);
+    }
+    assert!(
+        vouchers.iter().all(|(_, cumulative)| *cumulative <= 2),
+        "signed only its first window: {vouchers:?}"
+    );
+}
+
+/// Item 2, second half: the consumption a server states at `session` became the client's
+/// baseline, so a lying server got the credit it had authorized counted as received, and one
+/// more window on top. The baseline is now at most what the client can prove was consumed
+/// before (the contract's `claimed`; here nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_server_gets_no_free_window_from_its_session_consumed() {
+    let stack = Stack::start(Options::new(
+        r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
+    ))
+    .await;
+    let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let session = ServerMessage::Session {
+        session_id: "s".into(),
+        resume_token: "t".into(),
+        channel_id: B256::ZERO,
+        nonce: 0,
+        cumulative: 0,
+        consumed: 2,
+        tariff: Box::new(per_thousandth()),
+        heartbeat_ms: 5_000,
+    };
+    // Then it asks for more, having delivered nothing, and delivers one token at 1/1000.
+    let after = vec![
+        ServerMessage::NeedVoucher {
+            consumed: 2,
+            cumulative: 2,
+            suggested: 10,
+            deadline_ms: 30_000,
+        },
+        ServerMessage::App {
+            seq: 0,
+            data: serde_json::json!({ "token": "x" }),
+        },
+    ];
+    let (url, mut signed) = fake_server(session, after, vec![]).await;
+    challenge.accepts[0].extra.ws_endpoint = url;
+    let mut policy = policy(stack.chain_id);
+    policy.max_credit_window = 2;
+    let client = payer(&stack, policy).await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(6), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(signed.recv().await, Some((1, 2)), "the open: one window");
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = session.next().await {} });
+    // What it received is worth its own count (one token: 1, rounded up), not the server's
+    // word: it signs that plus its window, 3, not 5.
+    let next = tokio::time::timeout(Duration::from_secs(10), signed.recv())
+        .await
+        .expect("the client answers once its count allows");
+    assert_eq!(next, Some((2, 3)));
+    reader.abort();
+}
+
 /// A fake OpenAI-compatible upstream: streams `tokens` content deltas as SSE, then `[DONE]`, or
 /// breaks the connection after them when `fail` is set.
 async fn fake_upstream(tokens: usize, fail: bool) -> String {

@@ -25,7 +25,8 @@ fn ratio(p: Option<Price>, extra_per: u128) -> BigRational {
 }
 
 fn exact(meter: &Meter) -> BigRational {
-    let (n, d) = meter.exact_consumed();
+    let e = meter.exact_consumed();
+    let (n, d) = (e.numerator, e.denominator);
     let to_big = |v: U256| BigInt::parse_bytes(v.to_string().as_bytes(), 10).unwrap();
     BigRational::new(to_big(n), to_big(d))
 }
@@ -322,11 +323,11 @@ fn ten_million_tokens_at_three_tenths_of_a_micro_cent_cost_exactly_30000() {
     }
     assert_eq!(m.consumed(), 30_000);
     assert_eq!(
-        m.exact_consumed().0 / m.exact_consumed().1,
+        m.exact_consumed().numerator / m.exact_consumed().denominator,
         U256::from(30_000)
     );
     assert!(
-        (m.exact_consumed().0 % m.exact_consumed().1).is_zero(),
+        (m.exact_consumed().numerator % m.exact_consumed().denominator).is_zero(),
         "no fraction left"
     );
     // The credit is exactly used up: the next token does not fit.

@@ -322,14 +322,17 @@ impl paystream::server::resource::Resource for Blobs {
         &self,
         _request: serde_json::Value,
         tx: tokio::sync::mpsc::Sender<paystream::server::resource::Unit>,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> tokio::task::JoinHandle<paystream::server::resource::Ended> {
+        use paystream::protocol::EndReason;
+        use paystream::server::resource::Ended;
         tokio::spawn(async move {
             for _ in 0..BLOBS {
                 let unit = paystream::server::resource::Unit::Binary(vec![7u8; BLOB_BYTES]);
                 if tx.send(unit).await.is_err() {
-                    return;
+                    return Ended::because(EndReason::Cancelled);
                 }
             }
+            Ended::because(EndReason::Completed)
         })
     }
 }

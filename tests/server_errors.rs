@@ -54,7 +54,7 @@ async fn expect_error(c: &mut Client) -> (String, bool, Option<u64>) {
             retriable,
             data,
             ..
-        } => (code.clone(), *retriable, data.map(|d| d.nonce)),
+        } => (code.clone(), *retriable, data.as_ref().map(|d| d.nonce)),
         _ => unreachable!(),
     }
 }

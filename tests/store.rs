@@ -1,13 +1,14 @@
-//! The store contract (compare-and-set on the nonce, consumption only rises, claims keep the
-//! larger amount) on a real redis-server, and the same on the memory store; a stopped Redis
+//! The store contract (compare-and-set on the nonce and the cumulative, consumption only rises
+//! and is kept exactly, a close consent is kept, claims keep the larger amount) on a real redis-server, and the same on the memory store; a stopped Redis
 //! reports `store_unavailable` and a restarted one is used again.
 
 mod common;
 
-use alloy::primitives::{B256, Signature};
+use alloy::primitives::{B256, Signature, U256};
 use common::redis::Redis;
 use k256::ecdsa::SigningKey;
 use paystream::channel::signature;
+use paystream::meter::Exact;
 use paystream::store::memory::MemoryStore;
 use paystream::store::redis::RedisStore;
 use paystream::store::{ChannelStore, PendingClaim, StoreError, StoredVoucher};
@@ -38,8 +39,17 @@ async fn contract<S: ChannelStore>(store: &S) {
         store.save_voucher(id, voucher(4, 300)).await,
         Err(StoreError::StaleNonce { got: 4, stored: 5 })
     );
+    // ... and so is a higher nonce with a lower cumulative (a state signed out of order).
+    assert_eq!(
+        store.save_voucher(id, voucher(6, 99)).await,
+        Err(StoreError::CumulativeDecreased {
+            got: 99,
+            stored: 100
+        })
+    );
     let loaded = store.load(id).await.unwrap().unwrap();
     assert_eq!(loaded.voucher, voucher(5, 100));
+    assert_eq!(loaded.closing, None);
     // Nonces compare as numbers, also across digit counts and above 2^53.
     store.save_voucher(id, voucher(10, 100)).await.unwrap();
     store
@@ -56,18 +66,37 @@ async fn contract<S: ChannelStore>(store: &S) {
         store.load(id).await.unwrap().unwrap().voucher,
         voucher(u64::MAX - 1, u128::MAX)
     );
-    // Consumption only rises.
-    store.save_consumed(id, 40).await.unwrap();
-    store.save_consumed(id, 30).await.unwrap();
-    assert_eq!(store.load(id).await.unwrap().unwrap().consumed, 40);
-    store
-        .save_consumed(id, 1_000_000_000_000_000_000_000)
-        .await
-        .unwrap();
+    // Consumption only rises, kept exactly: by its rounded-up value, then by its exact value
+    // under one denominator.
+    let exact = |n: u128, d: u128| Exact {
+        numerator: U256::from(n),
+        denominator: U256::from(d),
+    };
+    let consumed = |loaded: Option<paystream::store::StoredChannel>| loaded.unwrap().consumed;
+    store.save_consumed(id, exact(40, 1)).await.unwrap();
+    store.save_consumed(id, exact(30, 1)).await.unwrap();
+    assert_eq!(consumed(store.load(id).await.unwrap()), exact(40, 1));
+    store.save_consumed(id, exact(40_001, 1_000)).await.unwrap();
+    store.save_consumed(id, exact(40_000, 1_000)).await.unwrap();
     assert_eq!(
-        store.load(id).await.unwrap().unwrap().consumed,
-        1_000_000_000_000_000_000_000
+        consumed(store.load(id).await.unwrap()),
+        exact(40_001, 1_000)
     );
+    store.save_consumed(id, exact(40_002, 1_000)).await.unwrap();
+    assert_eq!(
+        consumed(store.load(id).await.unwrap()),
+        exact(40_002, 1_000)
+    );
+    let huge = Exact {
+        numerator: U256::MAX >> 8,
+        denominator: U256::from(1u128 << 120),
+    };
+    store.save_consumed(id, huge).await.unwrap();
+    assert_eq!(consumed(store.load(id).await.unwrap()), huge);
+    // The payee's consent to close is recorded once and kept.
+    store.mark_closing(id, 77).await.unwrap();
+    store.mark_closing(id, 88).await.unwrap();
+    assert_eq!(store.load(id).await.unwrap().unwrap().closing, Some(77));
     // Claims keep the larger amount per channel.
     let claim = |amount| PendingClaim {
         channel_id: id,

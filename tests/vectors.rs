@@ -31,7 +31,8 @@ fn open_channel(case: &Case) -> OpenChannel {
         deposit: u128::MAX,
         claimed: 0,
         claimed_nonce: 0,
-        withdraw_requested: false,
+        withdraw_delay: 3600,
+        withdraw_at: 0,
         closed: false,
     };
     OpenChannel::open(case.domain(), info, case.payee, case.token).unwrap()
@@ -113,7 +114,7 @@ fn signatures_are_reproduced_byte_for_byte() {
 
 #[test]
 fn vector_signatures_verify_against_the_payer() {
-    let mut keys = PayerKeys::default();
+    let keys = PayerKeys::default();
     for case in load().cases {
         let sig = signature::parse_signature(&case.signature).unwrap();
         assert_eq!(
@@ -130,7 +131,7 @@ fn vector_signatures_verify_against_the_payer() {
             state: state_of(&case),
             signature: sig,
         };
-        let accepted = *channel.accept(&voucher, &mut keys).unwrap();
+        let accepted = *channel.accept(&voucher, &keys).unwrap();
         assert_eq!(
             (accepted.nonce, accepted.cumulative),
             (case.nonce, case.cumulative)
@@ -166,7 +167,7 @@ fn high_s_twins_are_rejected() {
             &case.digest,
             &twin
         ));
-        let mut keys = PayerKeys::default();
+        let keys = PayerKeys::default();
         let sig = signature::parse_signature(&case.signature).unwrap();
         keys.verify(case.payer, &case.digest, &sig).unwrap();
         assert_eq!(
@@ -229,7 +230,7 @@ fn tampered_fields_are_rejected() {
                 state.clone(),
             ),
         ];
-        let mut warm = PayerKeys::default();
+        let warm = PayerKeys::default();
         warm.verify(case.payer, &case.digest, &sig).unwrap();
         for (field, domain, tampered) in tampered_states {
             let digest = domain.state_digest(&tampered);
@@ -263,7 +264,7 @@ fn tampered_fields_are_rejected() {
                 },
                 signature: sig,
             };
-            let err = channel.accept(&voucher, &mut warm).unwrap_err();
+            let err = channel.accept(&voucher, &warm).unwrap_err();
             assert!(matches!(err, ChannelError::InvalidSignature(_)), "{err:?}");
             assert_eq!(err.code(), "invalid_signature");
             assert_eq!(channel, before);

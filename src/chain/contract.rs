@@ -6,7 +6,7 @@ use alloy::sol_types::{SolCall, SolEvent};
 
 use super::bindings::PaymentChannels as pc;
 use super::{
-    Backend, ChainError, ChannelChain, Claim, Claimed, CloseOutcome, PaidRun, Result,
+    Backend, ChainError, ChannelChain, ChannelEvent, Claim, Claimed, CloseOutcome, PaidRun, Result,
     SettleOutcome, SkipReason, TxOutcome, TxReceipt, TxRequest, WithdrawRequest,
 };
 use crate::channel::{ChannelInfo, signature};
@@ -191,7 +191,8 @@ impl<B: Backend> ChannelChain for Channels<B> {
             deposit: v.deposit,
             claimed: v.claimed,
             claimed_nonce: v.claimedNonce,
-            withdraw_requested: v.withdrawAt != 0,
+            withdraw_delay: v.withdrawDelay,
+            withdraw_at: v.withdrawAt,
             closed: v.closed,
         }))
     }
@@ -260,27 +261,50 @@ impl<B: Backend> ChannelChain for Channels<B> {
         })
     }
 
-    async fn withdraw_requests(&self, from_block: u64) -> Result<(Vec<WithdrawRequest>, u64)> {
-        let (logs, latest) = self
-            .backend
-            .logs(
-                self.address,
-                pc::WithdrawRequested::SIGNATURE_HASH,
-                from_block,
-            )
-            .await?;
-        let requests = logs
+    async fn block_number(&self) -> Result<u64> {
+        self.backend.block_number().await
+    }
+
+    async fn channel_events(&self, from: u64, to: u64) -> Result<Vec<ChannelEvent>> {
+        let topics = [
+            pc::ToppedUp::SIGNATURE_HASH,
+            pc::WithdrawRequested::SIGNATURE_HASH,
+            pc::Withdrawn::SIGNATURE_HASH,
+            pc::ClosedCooperatively::SIGNATURE_HASH,
+        ];
+        let logs = self.backend.logs(self.address, &topics, from, to).await?;
+        Ok(logs
             .iter()
+            // Only the contract's own events count (a token could emit look-alikes).
+            .filter(|l| l.log.address == self.address)
             .filter_map(|l| {
-                let e = pc::WithdrawRequested::decode_log(&l.log).ok()?;
-                Some(WithdrawRequest {
-                    channel_id: e.channelId,
-                    withdraw_at: e.withdrawAt,
-                    block: l.block,
+                let topic = *l.log.topics().first()?;
+                Some(if topic == pc::ToppedUp::SIGNATURE_HASH {
+                    let e = pc::ToppedUp::decode_log(&l.log).ok()?;
+                    ChannelEvent::ToppedUp {
+                        channel_id: e.channelId,
+                        deposit: e.deposit,
+                    }
+                } else if topic == pc::WithdrawRequested::SIGNATURE_HASH {
+                    let e = pc::WithdrawRequested::decode_log(&l.log).ok()?;
+                    ChannelEvent::WithdrawRequested(WithdrawRequest {
+                        channel_id: e.channelId,
+                        withdraw_at: e.withdrawAt,
+                        block: l.block,
+                    })
+                } else if topic == pc::Withdrawn::SIGNATURE_HASH {
+                    let e = pc::Withdrawn::decode_log(&l.log).ok()?;
+                    ChannelEvent::Withdrawn {
+                        channel_id: e.channelId,
+                    }
+                } else {
+                    let e = pc::ClosedCooperatively::decode_log(&l.log).ok()?;
+                    ChannelEvent::Closed {
+                        channel_id: e.channelId,
+                    }
                 })
             })
-            .collect();
-        Ok((requests, latest))
+            .collect())
     }
 }
 

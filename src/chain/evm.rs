@@ -260,24 +260,28 @@ impl Backend for EvmBackend {
         self.node.call(to, input)
     }
 
+    async fn block_number(&self) -> Result<u64> {
+        Ok(self.node.lock().block)
+    }
+
     async fn logs(
         &self,
         address: Address,
-        topic0: B256,
-        from_block: u64,
-    ) -> Result<(Vec<BlockLog>, u64)> {
+        topics0: &[B256],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<BlockLog>> {
         let inner = self.node.lock();
-        let logs = inner
+        Ok(inner
             .logs
             .iter()
             .filter(|l| {
-                l.block >= from_block
+                (from..=to).contains(&l.block)
                     && l.log.address == address
-                    && l.log.topics().first() == Some(&topic0)
+                    && l.log.topics().first().is_some_and(|t| topics0.contains(t))
             })
             .cloned()
-            .collect();
-        Ok((logs, inner.block))
+            .collect())
     }
 
     async fn balance(&self, owner: Address) -> Result<U256> {

@@ -196,14 +196,17 @@ pub trait Backend: Send + Sync + 'static {
     fn send(&self, tx: TxRequest) -> impl Future<Output = Result<TxOutcome>> + Send;
     /// A read-only call against the latest state.
     fn call(&self, to: Address, input: Bytes) -> impl Future<Output = Result<Bytes>> + Send;
-    /// Logs of `address` with first topic `topic0` from block `from_block` on, and the latest
-    /// block number they cover.
+    /// The latest block number.
+    fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Logs of `address` whose first topic is one of `topics0`, in blocks `from..=to` (the
+    /// caller bounds the range: public nodes cap `eth_getLogs`), in chain order.
     fn logs(
         &self,
         address: Address,
-        topic0: B256,
-        from_block: u64,
-    ) -> impl Future<Output = Result<(Vec<BlockLog>, u64)>> + Send;
+        topics0: &[B256],
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<BlockLog>>> + Send;
     /// The native balance of `owner`.
     fn balance(&self, owner: Address) -> impl Future<Output = Result<U256>> + Send;
 }
@@ -225,9 +228,49 @@ pub trait ChannelChain: Send + Sync + 'static {
         claim: &Claim,
         payee_signature: &Signature,
     ) -> impl Future<Output = Result<CloseOutcome>> + Send;
-    /// Withdrawal requests from block `from_block` on, and the latest block covered.
-    fn withdraw_requests(
+    /// The latest block number.
+    fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// What happened to channels in blocks `from..=to`: top-ups, withdrawal requests,
+    /// withdrawals and cooperative closes, in chain order.
+    fn channel_events(
         &self,
-        from_block: u64,
-    ) -> impl Future<Output = Result<(Vec<WithdrawRequest>, u64)>> + Send;
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<ChannelEvent>>> + Send;
+}
+
+/// A change to a channel, from the contract's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// `ToppedUp`: the deposit grew.
+    ToppedUp {
+        /// The channel.
+        channel_id: B256,
+        /// The deposit after it.
+        deposit: u128,
+    },
+    /// `WithdrawRequested`: the payee must claim before `withdraw_at`.
+    WithdrawRequested(WithdrawRequest),
+    /// `Withdrawn`: the channel is closed, its rest refunded.
+    Withdrawn {
+        /// The channel.
+        channel_id: B256,
+    },
+    /// `ClosedCooperatively`: the channel is closed.
+    Closed {
+        /// The channel.
+        channel_id: B256,
+    },
+}
+
+impl ChannelEvent {
+    /// The channel it is about.
+    pub fn channel_id(&self) -> B256 {
+        match self {
+            Self::ToppedUp { channel_id, .. }
+            | Self::Withdrawn { channel_id }
+            | Self::Closed { channel_id } => *channel_id,
+            Self::WithdrawRequested(r) => r.channel_id,
+        }
+    }
 }

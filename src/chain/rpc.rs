@@ -1,6 +1,7 @@
 //! [`RpcBackend`]: alloy over JSON-RPC, for anvil and any EVM node (HTTP or HTTPS).
 
 use std::sync::Once;
+use std::time::Duration;
 
 use alloy::network::{ReceiptResponse, TransactionBuilder};
 use alloy::primitives::{Address, B256, Bytes, U256};
@@ -11,12 +12,18 @@ use alloy::transports::{RpcError, TransportErrorKind};
 
 use super::{Backend, BlockLog, ChainError, Result, TxOutcome, TxReceipt, TxRequest};
 
+/// A transaction not mined within 2 minutes is reported as failed (it may still be mined
+/// later: callers that signed something with it treat it as possibly sent). Without a bound a
+/// stuck transaction would hold its caller forever.
+pub const DEFAULT_TX_TIMEOUT_SECS: u64 = 120;
+
 /// One account on a JSON-RPC node: transactions are signed locally with its key.
 #[derive(Debug, Clone)]
 pub struct RpcBackend {
     provider: DynProvider,
     sender: Address,
     chain_id: u64,
+    tx_timeout: Duration,
 }
 
 impl RpcBackend {
@@ -36,7 +43,14 @@ impl RpcBackend {
             provider,
             sender,
             chain_id,
+            tx_timeout: Duration::from_secs(DEFAULT_TX_TIMEOUT_SECS),
         })
+    }
+
+    /// The same account, waiting at most `timeout` for a transaction to be mined.
+    pub fn with_tx_timeout(mut self, timeout: Duration) -> Self {
+        self.tx_timeout = timeout;
+        self
     }
 
     /// The provider, for calls this module does not wrap.
@@ -90,6 +104,7 @@ impl Backend for RpcBackend {
             .await
             .map_err(rpc_error)?;
         let receipt = pending
+            .with_timeout(Some(self.tx_timeout))
             .get_receipt()
             .await
             .map_err(|e| ChainError::Rpc(e.to_string()))?;
@@ -118,30 +133,30 @@ impl Backend for RpcBackend {
         self.provider.call(request).await.map_err(rpc_error)
     }
 
+    async fn block_number(&self) -> Result<u64> {
+        self.provider.get_block_number().await.map_err(rpc_error)
+    }
+
     async fn logs(
         &self,
         address: Address,
-        topic0: B256,
-        from_block: u64,
-    ) -> Result<(Vec<BlockLog>, u64)> {
-        let latest = self.provider.get_block_number().await.map_err(rpc_error)?;
-        if from_block > latest {
-            return Ok((Vec::new(), latest));
-        }
+        topics0: &[B256],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<BlockLog>> {
         let filter = Filter::new()
             .address(address)
-            .event_signature(topic0)
-            .from_block(from_block)
-            .to_block(latest);
+            .event_signature(topics0.to_vec())
+            .from_block(from)
+            .to_block(to);
         let logs = self.provider.get_logs(&filter).await.map_err(rpc_error)?;
-        let logs = logs
+        Ok(logs
             .into_iter()
             .map(|l| BlockLog {
                 block: l.block_number.unwrap_or_default(),
                 log: l.inner,
             })
-            .collect();
-        Ok((logs, latest))
+            .collect())
     }
 
     async fn balance(&self, owner: Address) -> Result<U256> {

@@ -11,7 +11,7 @@ pub mod signature;
 mod state;
 
 pub use error::{ChannelError, Result};
-pub use rules::{AcceptedState, ChannelInfo, OpenChannel, SignedState};
+pub use rules::{AcceptedState, ChannelInfo, OpenChannel, SignedState, VerifiedState};
 pub use signature::{PayerKeys, SignatureError};
 pub use state::{
     CHANNEL_STATE_TYPE, CHANNEL_STATE_TYPEHASH, CLOSE_TYPE, CLOSE_TYPEHASH, ChannelDomain,

@@ -3,7 +3,7 @@
 use alloy::primitives::{Address, B256, Signature};
 
 use super::error::ChannelError;
-use super::signature::PayerKeys;
+use super::signature::{PayerKeys, SignatureError};
 use super::state::{ChannelDomain, ChannelState};
 
 /// A channel state with the payer's signature over it: a voucher.
@@ -13,6 +13,48 @@ pub struct SignedState {
     pub state: ChannelState,
     /// The payer's signature, already parsed (low-s, scalars in range).
     pub signature: Signature,
+}
+
+/// A voucher whose signature was checked: `payer` signed it under `domain`. Made only by
+/// [`PayerKeys::verify_state`], so holding one proves the (costly) check was done; the cheap
+/// rules are checked again where it is applied ([`OpenChannel::check_verified`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedState {
+    signed: SignedState,
+    payer: Address,
+    domain: ChannelDomain,
+}
+
+impl VerifiedState {
+    /// The voucher.
+    pub fn signed(&self) -> &SignedState {
+        &self.signed
+    }
+
+    /// Who signed it.
+    pub fn payer(&self) -> Address {
+        self.payer
+    }
+}
+
+impl PayerKeys {
+    /// Checks that `payer` signed `signed` under `domain` (the costly part of accepting a
+    /// voucher: run it off the async reactor). The rules on nonce, cumulative and deposit are
+    /// not checked here.
+    pub fn verify_state(
+        &self,
+        domain: &ChannelDomain,
+        payer: Address,
+        signed: &SignedState,
+    ) -> Result<VerifiedState, ChannelError> {
+        let digest = domain.state_digest(&signed.state);
+        self.verify(payer, &digest, &signed.signature)?;
+        Ok(VerifiedState {
+            signed: signed.clone(),
+            payer,
+            domain: *domain,
+        })
+    }
 }
 
 /// What the contract says about a channel, read through the chain boundary.
@@ -32,10 +74,20 @@ pub struct ChannelInfo {
     pub claimed: u128,
     /// Nonce of the last state claimed on-chain (0 if none).
     pub claimed_nonce: u64,
-    /// The payer asked to withdraw: the channel is closing and takes no new credit.
-    pub withdraw_requested: bool,
+    /// The payer's withdrawal delay (seconds): how long the payee has to claim after a
+    /// withdrawal request.
+    pub withdraw_delay: u32,
+    /// When the payer may withdraw (unix seconds), or 0 when no withdrawal was requested.
+    pub withdraw_at: u64,
     /// The channel was withdrawn or closed cooperatively (or never opened).
     pub closed: bool,
+}
+
+impl ChannelInfo {
+    /// The payer asked to withdraw: the channel is closing and takes no new credit.
+    pub fn withdraw_requested(&self) -> bool {
+        self.withdraw_at != 0
+    }
 }
 
 /// The last state the engine accepted for a channel.
@@ -75,7 +127,7 @@ impl OpenChannel {
                 reason: "closed",
             });
         }
-        if info.withdraw_requested {
+        if info.withdraw_requested() {
             return Err(ChannelError::ChannelNotOpen {
                 channel_id: info.id,
                 reason: "withdrawal requested",
@@ -124,6 +176,25 @@ impl OpenChannel {
         Ok(self)
     }
 
+    /// What a new session on the channel starts from, given the state a store holds: the
+    /// stored state where it is not behind the chain's claimed one. If the chain claimed more
+    /// than the stored state authorizes (a claim under a state this store never held), the
+    /// chain's claimed amount, with the stored nonce as the floor (the store refuses lower
+    /// nonces) and no signature (nothing above the chain's claim is claimable under it). A
+    /// stored nonce below the chain's is obsolete and ignored.
+    pub fn restore_floor(mut self, stored: AcceptedState) -> Self {
+        if stored.nonce < self.accepted.nonce {
+            return self;
+        }
+        if stored.cumulative >= self.accepted.cumulative {
+            self.accepted = stored;
+        } else {
+            self.accepted.nonce = stored.nonce;
+            self.accepted.signature = None;
+        }
+        self
+    }
+
     /// The channel as read from the chain.
     pub fn info(&self) -> &ChannelInfo {
         &self.info
@@ -153,7 +224,16 @@ impl OpenChannel {
     /// Checks a voucher against every rule without changing anything, returning its digest.
     ///
     /// The cheap field checks run before the signature check, so garbage costs no ECDSA.
-    pub fn check(&self, voucher: &SignedState, keys: &mut PayerKeys) -> Result<B256, ChannelError> {
+    pub fn check(&self, voucher: &SignedState, keys: &PayerKeys) -> Result<B256, ChannelError> {
+        let digest = self.check_fields(voucher)?;
+        keys.verify(self.info.payer, &digest, &voucher.signature)?;
+        Ok(digest)
+    }
+
+    /// Every rule but the signature (channel id, nonce, cumulative, deposit), in that order;
+    /// returns the state's digest. A session checks these first, so garbage costs no ECDSA,
+    /// then has the signature checked off the async reactor.
+    pub fn check_fields(&self, voucher: &SignedState) -> Result<B256, ChannelError> {
         let state = &voucher.state;
         if state.channelId != self.info.id {
             return Err(ChannelError::WrongChannel {
@@ -179,9 +259,20 @@ impl OpenChannel {
                 deposit: self.info.deposit,
             });
         }
-        let digest = self.domain.state_digest(state);
-        keys.verify(self.info.payer, &digest, &voucher.signature)?;
-        Ok(digest)
+        Ok(self.domain.state_digest(state))
+    }
+
+    /// Every rule, for a voucher whose signature was already checked: it must have been
+    /// checked against this channel's payer under this channel's domain.
+    pub fn check_verified(&self, voucher: &VerifiedState) -> Result<B256, ChannelError> {
+        if voucher.payer != self.info.payer || voucher.domain != self.domain {
+            return Err(ChannelError::InvalidSignature(
+                SignatureError::WrongSigner {
+                    expected: self.info.payer,
+                },
+            ));
+        }
+        self.check_fields(&voucher.signed)
     }
 
     /// Makes a voucher that passed [`OpenChannel::check`] the accepted state, once it has been
@@ -205,7 +296,7 @@ impl OpenChannel {
     pub fn accept(
         &mut self,
         voucher: &SignedState,
-        keys: &mut PayerKeys,
+        keys: &PayerKeys,
     ) -> Result<&AcceptedState, ChannelError> {
         self.check(voucher, keys)?;
         self.accepted = AcceptedState {

@@ -156,48 +156,68 @@ pub fn verify_with_key(key: &AffinePoint, digest: &B256, sig: &Signature) -> boo
     point.x()[..] == sig.r().to_be_bytes::<32>()[..] && bool::from(point.y_is_odd()) == sig.v()
 }
 
+/// 65,536 payer keys take about 8 MiB and cover far more channels than one node serves at
+/// once; a miss costs one signature recovery, never an error.
+pub const DEFAULT_PAYER_KEY_CACHE_ENTRIES: usize = 65_536;
+
+/// Shards of the key cache: each has its own lock, held only to look a key up or put one in.
+const KEY_SHARDS: usize = 16;
+
 /// The payers' public keys, recovered once each and kept in an LRU cache keyed by payer.
 ///
 /// This is the one function that decides whether a voucher's signature is the payer's;
 /// speeding it up (precomputed tables per key, batch checks) stays a change to this type.
+///
+/// Shared by every connection: the cache is split in shards by payer, and a shard's lock is
+/// held only to copy a key out or put one in, never across the elliptic-curve work, so checks
+/// run in parallel on as many threads as the caller gives them.
 pub struct PayerKeys {
-    keys: LruCache<Address, AffinePoint>,
+    shards: Box<[std::sync::Mutex<LruCache<Address, AffinePoint>>]>,
 }
 
 impl std::fmt::Debug for PayerKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PayerKeys")
-            .field("cached", &self.keys.len())
-            .field("capacity", &self.keys.cap())
-            .finish()
+            .field("cached", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl Default for PayerKeys {
     fn default() -> Self {
-        Self::new(crate::config::ChannelConfig::default().payer_key_cache_entries)
+        Self::new(NonZeroUsize::new(DEFAULT_PAYER_KEY_CACHE_ENTRIES).expect("non-zero"))
     }
 }
 
 impl PayerKeys {
-    /// An empty cache holding up to `capacity` keys.
+    /// An empty cache holding up to about `capacity` keys.
     pub fn new(capacity: NonZeroUsize) -> Self {
+        let per_shard = NonZeroUsize::new(capacity.get().div_ceil(KEY_SHARDS)).expect("non-zero");
         Self {
-            keys: LruCache::new(capacity),
+            shards: (0..KEY_SHARDS)
+                .map(|_| std::sync::Mutex::new(LruCache::new(per_shard)))
+                .collect(),
         }
+    }
+
+    fn shard(&self, payer: &Address) -> std::sync::MutexGuard<'_, LruCache<Address, AffinePoint>> {
+        // Addresses are hashes: any byte of one spreads payers evenly over the shards.
+        let shard = &self.shards[usize::from(payer.0[19]) % KEY_SHARDS];
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Checks that `payer` signed `digest`. On a cache miss the key is recovered from this
     /// signature and kept only if it belongs to `payer`.
     pub fn verify(
-        &mut self,
+        &self,
         payer: Address,
         digest: &B256,
         sig: &Signature,
     ) -> Result<(), SignatureError> {
-        if let Some(key) = self.keys.get(&payer) {
+        let cached = self.shard(&payer).get(&payer).copied();
+        if let Some(key) = cached {
             check_scalars(sig)?;
-            return if verify_with_key(key, digest, sig) {
+            return if verify_with_key(&key, digest, sig) {
                 Ok(())
             } else {
                 Err(SignatureError::WrongSigner { expected: payer })
@@ -207,23 +227,26 @@ impl PayerKeys {
         if address_of(&key) != payer {
             return Err(SignatureError::WrongSigner { expected: payer });
         }
-        self.keys.put(payer, *key.as_affine());
+        self.shard(&payer).put(payer, *key.as_affine());
         Ok(())
     }
 
     /// Whether `payer`'s key is cached (for tests and metrics).
     pub fn contains(&self, payer: &Address) -> bool {
-        self.keys.contains(payer)
+        self.shard(payer).contains(payer)
     }
 
     /// Number of cached keys.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     /// Whether no key is cached.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len() == 0
     }
 }
 
@@ -296,7 +319,7 @@ mod tests {
         let other = key(6);
         let payer_addr = address_of(payer.verifying_key());
         let digest = B256::repeat_byte(3);
-        let mut keys = PayerKeys::new(NonZeroUsize::new(2).unwrap());
+        let keys = PayerKeys::new(NonZeroUsize::new(2).unwrap());
         let forged = sign_digest(&other, &digest);
         assert_eq!(
             keys.verify(payer_addr, &digest, &forged),

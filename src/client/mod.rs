@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub use policy::Policy;
 
 use crate::chain::{Backend, ChainError, ChannelChain, Channels};
-use crate::channel::{ChannelDomain, ChannelKey, signature};
+use crate::channel::{ChannelDomain, ChannelKey, ChannelState, signature};
 use crate::meter::{NANOS_PER_SEC, Tariff};
 use crate::protocol::{
     ClientMessage, PAYMENT_REQUIRED_HEADER, PaymentRequired, PaymentRequirements, ServerMessage,
@@ -65,6 +65,18 @@ pub enum ClientError {
         /// The explanation.
         message: String,
     },
+    /// The server says the channel was signed up to `cumulative` (at `nonce`), and this client
+    /// finds no signature of its own over that: nothing was signed for it. A server that lost
+    /// its state, or lies; open another channel or check the server.
+    #[error(
+        "the server says this channel is at cumulative {cumulative} (nonce {nonce}), which this client never signed"
+    )]
+    UnprovenState {
+        /// The nonce the server claims.
+        nonce: u64,
+        /// The cumulative the server claims.
+        cumulative: u128,
+    },
     /// The session ended without a receipt (close code, if any).
     #[error("the session closed (code {0:?})")]
     Closed(Option<u16>),
@@ -72,6 +84,10 @@ pub enum ClientError {
     #[error("bad receipt: {0}")]
     Receipt(String),
 }
+
+/// A channel this client opens gives the payee an hour to claim after a withdrawal request
+/// (more if the server asks for more): the payer can always leave, after that.
+pub const DEFAULT_WITHDRAW_DELAY_SECS: u32 = 3_600;
 
 /// Fetches the 402 challenge of a resource URL (http or https): the `PAYMENT-REQUIRED` header
 /// and the body must agree.
@@ -145,6 +161,14 @@ pub enum Event {
     Paused(String),
     /// Delivery resumed.
     Resumed,
+    /// The stream of the last request ended (`reason`: `completed`, `max_tokens`,
+    /// `upstream_failed`, `cancelled`, `interrupted`).
+    End {
+        /// The `seq` of its last unit, if it delivered any.
+        seq: Option<u64>,
+        /// Why it ended.
+        reason: String,
+    },
     /// A non-fatal error from the server.
     Error {
         /// The code.
@@ -209,8 +233,8 @@ impl<B: Backend> Payer<B> {
         };
         let channel = key.channel_id();
         let existing = self.chain.read_channel(channel).await?;
-        let (deposit, start_nonce, start_cumulative) = match existing {
-            Some(info) if !info.closed && !info.withdraw_requested => {
+        let (deposit, claimed_nonce, claimed) = match existing {
+            Some(info) if !info.closed && !info.withdraw_requested() => {
                 (info.deposit, info.claimed_nonce, info.claimed)
             }
             Some(_) => {
@@ -219,8 +243,9 @@ impl<B: Backend> Payer<B> {
                 ));
             }
             None => {
+                let delay = DEFAULT_WITHDRAW_DELAY_SECS.max(offer.extra.min_withdraw_delay_seconds);
                 self.chain
-                    .open(offer.pay_to, offer.asset, salt, deposit, 3600)
+                    .open(offer.pay_to, offer.asset, salt, deposit, delay)
                     .await?;
                 (deposit, 0, 0)
             }
@@ -241,8 +266,10 @@ impl<B: Backend> Payer<B> {
             offer,
             window,
             deposit,
-            nonce: start_nonce,
-            cumulative: start_cumulative,
+            nonce: claimed_nonce,
+            cumulative: claimed,
+            proven: claimed,
+            claimed,
             count: Count::default(),
             started: Instant::now(),
             consumed: 0,
@@ -283,6 +310,12 @@ pub struct PaySession {
     deposit: u128,
     nonce: u64,
     cumulative: u128,
+    /// The most this client can prove the channel's earlier sessions authorized: a cumulative
+    /// it finds its own signature over, or the contract's claimed amount. A server's word
+    /// about earlier consumption counts only up to this.
+    proven: u128,
+    /// The contract's claimed amount when the session started: consumption it can prove.
+    claimed: u128,
     count: Count,
     started: Instant,
     consumed: u128,
@@ -401,10 +434,33 @@ impl PaySession {
         self.session_id.as_deref()
     }
 
+    /// Whether `signature` is this client's own over (`nonce`, `cumulative`) on its channel.
+    fn signed_by_me(&self, nonce: u64, cumulative: u128, sig: &[u8]) -> bool {
+        let Ok(sig) = signature::parse_signature(sig) else {
+            return false;
+        };
+        let state = ChannelState {
+            channelId: self.channel,
+            nonce,
+            cumulative,
+        };
+        let digest = self.domain.state_digest(&state);
+        signature::recover_address(&digest, &sig)
+            .is_ok_and(|a| a == signature::address_of(self.key.verifying_key()))
+    }
+
+    /// Opens the session with a freshly signed state: the next nonce, and one window above what
+    /// the client can prove was consumed (never below a cumulative it already signed). A
+    /// server that says the channel is further along is believed about the nonce (nonces cost
+    /// nothing), and about the cumulative only with this client's own signature over it.
     async fn open(&mut self) -> Result<(), ClientError> {
-        for _ in 0..2 {
+        for _ in 0..3 {
             let nonce = self.nonce + 1;
-            let cumulative = self.cumulative.max(self.window).min(self.deposit);
+            let cumulative = self
+                .claimed
+                .saturating_add(self.window)
+                .max(self.cumulative)
+                .min(self.deposit);
             let open = self.voucher(nonce, cumulative);
             // The client's clock starts before the server's can: its time bound is an upper one.
             self.started = Instant::now();
@@ -419,14 +475,16 @@ impl PaySession {
                     Some(ServerMessage::Session {
                         session_id,
                         resume_token,
-                        nonce,
-                        cumulative,
+                        nonce: accepted_nonce,
+                        cumulative: accepted,
                         consumed,
                         ..
                     }) => {
-                        self.session_id = Some(session_id);
-                        self.resume_token = Some(resume_token);
-                        self.nonce = nonce;
+                        if (accepted_nonce, accepted) != (nonce, cumulative) {
+                            return Err(ClientError::Connection(format!(
+                                "the server opened the session at ({accepted_nonce}, {accepted}), not at the ({nonce}, {cumulative}) this client signed"
+                            )));
+                        }
                         // The channel's earlier consumption can never exceed what was
                         // authorized before this session.
                         if consumed > cumulative {
@@ -436,21 +494,39 @@ impl PaySession {
                                 window: self.window,
                             });
                         }
+                        self.session_id = Some(session_id);
+                        self.resume_token = Some(resume_token);
+                        self.nonce = nonce;
                         self.cumulative = cumulative;
                         self.consumed = consumed;
-                        self.baseline = consumed;
+                        // What earlier sessions consumed counts only up to what this client
+                        // can prove they authorized: a server that overstates it gains no
+                        // credit from it.
+                        self.baseline = consumed.min(self.proven);
                         self.vouchers += 1;
                         return Ok(());
                     }
-                    // The channel was used before (another device, a lost client state): take
-                    // the server's accepted state and sign above it once.
+                    // The channel was used before (another device, a lost client state).
                     Some(ServerMessage::Error {
                         code,
                         data: Some(d),
                         ..
                     }) if code == "stale_nonce" || code == "cumulative_decreased" => {
-                        self.nonce = d.nonce;
-                        self.cumulative = d.cumulative.max(d.consumed);
+                        self.nonce = self.nonce.max(d.nonce);
+                        if d.cumulative > self.cumulative {
+                            let proven = d.cumulative <= self.claimed
+                                || d.signature.as_ref().is_some_and(|sig| {
+                                    self.signed_by_me(d.nonce, d.cumulative, sig)
+                                });
+                            if !proven {
+                                return Err(ClientError::UnprovenState {
+                                    nonce: d.nonce,
+                                    cumulative: d.cumulative,
+                                });
+                            }
+                            self.cumulative = d.cumulative;
+                            self.proven = self.proven.max(d.cumulative);
+                        }
                         break;
                     }
                     Some(ServerMessage::Error { code, message, .. }) => {
@@ -575,6 +651,7 @@ impl PaySession {
             ServerMessage::Paused { reason } => Some(Event::Paused(reason)),
             ServerMessage::Resumed {} => Some(Event::Resumed),
             ServerMessage::Error { code, message, .. } => Some(Event::Error { code, message }),
+            ServerMessage::End { seq, reason } => Some(Event::End { seq, reason }),
             ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => None,
         })
     }

@@ -17,7 +17,7 @@ use paystream::chain::evm::EvmNode;
 use paystream::chain::{ChannelChain, Channels};
 use paystream::channel::{ChannelDomain, signature};
 use paystream::client::{Event, Payer, Policy, fetch_challenge};
-use paystream::meter::{MeterConfig, Price, Tariff};
+use paystream::meter::{Price, Tariff};
 use paystream::server::resource::{Resource, TokenGenerator};
 use paystream::server::{self, ServerState};
 use paystream::session::SessionParams;
@@ -75,16 +75,14 @@ pub async fn run() -> anyhow::Result<()> {
         ..Tariff::default()
     };
     let params = SessionParams {
-        domain: ChannelDomain::new(contract.chain_id(), contract.address()),
-        payee,
-        token: Address::ZERO,
-        tariff,
-        meter: MeterConfig::with_credit_window(CREDIT_WINDOW),
-        min_deposit: 0,
-        heartbeat_ms: 5_000,
         usage_interval_ms: 1_000,
-        voucher_deadline_ms: 30_000,
-        max_vouchers_per_sec: 20,
+        ..SessionParams::new(
+            ChannelDomain::new(contract.chain_id(), contract.address()),
+            payee,
+            Address::ZERO,
+            tariff,
+            CREDIT_WINDOW,
+        )
     };
     let mut resources = BTreeMap::new();
     let tokens: Arc<dyn Resource> = Arc::new(TokenGenerator {

@@ -82,6 +82,9 @@ pub fn session_params(
         usage_interval_ms: s.usage_interval_ms,
         voucher_deadline_ms: s.voucher_deadline_ms,
         max_vouchers_per_sec: s.max_vouchers_per_sec,
+        min_withdraw_delay_secs: s.min_withdraw_delay_secs,
+        max_requests_per_sec: s.max_requests_per_sec,
+        replace_requests: s.replace_requests,
     }
 }
 

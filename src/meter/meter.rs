@@ -2,6 +2,7 @@
 
 use alloy::primitives::U256;
 
+use super::Exact;
 use super::error::{MeterError, TariffError};
 use super::tariff::{Rates, Tariff};
 
@@ -65,6 +66,9 @@ pub enum PauseReason {
     Requested = 4,
     /// The store is unreachable: paid delivery waits until vouchers can be stored again.
     StoreUnavailable = 8,
+    /// The client's heartbeat lapsed (no Pong within the liveness time): delivery waits for
+    /// the next Pong, as the clock does.
+    Unresponsive = 16,
 }
 
 /// What the meter asks the client for.
@@ -177,18 +181,18 @@ impl Meter {
         })
     }
 
-    /// Restores a meter whose consumption was persisted: `consumed` whole base units already
-    /// charged (the store keeps the ceiling, so a restart can only favour the client by less
-    /// than one base unit).
+    /// Restores a meter whose consumption was carried over from earlier sessions on the
+    /// channel: exactly, when it was kept under this tariff's denominator; otherwise rounded
+    /// down by less than one `1/denominator` of a base unit, in the client's favour.
     pub fn resume_from(
         tariff: &Tariff,
         config: MeterConfig,
         cumulative: u128,
-        consumed: u128,
+        consumed: Exact,
         now: Nanos,
     ) -> Result<Self, TariffError> {
-        let mut meter = Self::new(tariff, config, cumulative.max(consumed), now)?;
-        meter.scaled = U256::from(consumed) * meter.rates.denominator;
+        let mut meter = Self::new(tariff, config, cumulative.max(consumed.ceil()), now)?;
+        meter.scaled = consumed.scaled_to(meter.rates.denominator).min(meter.limit);
         meter.window_start.1 = meter.scaled;
         Ok(meter)
     }
@@ -277,6 +281,18 @@ impl Meter {
         self.pauses & reason as u8 != 0
     }
 
+    /// Whether the client is connected (between [`Meter::connect`] and
+    /// [`Meter::disconnect`]).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether the client's last heartbeat (or connect) has lapsed by `now`: its time is no
+    /// longer charged, and nothing should be delivered to it until it answers again.
+    pub fn lapsed(&self, now: Nanos) -> bool {
+        self.connected && now > self.live_until
+    }
+
     /// Charges time up to `now`; returns whether the credit is exhausted.
     pub fn advance(&mut self, now: Nanos) -> bool {
         self.accrue(now.max(self.accrued_to));
@@ -285,13 +301,19 @@ impl Meter {
 
     /// The instant at which the running clock uses up the credit, so delivery can pause at
     /// exactly that instant. `None` when time is free or the clock is stopped.
+    ///
+    /// A clock that stops first, because the client's liveness lapses before the credit runs
+    /// out, has no such instant: a stopped clock asks for no wake-up. (It used to return an
+    /// instant in the past once liveness lapsed, and the session woke about a thousand times a
+    /// second.)
     pub fn exhausted_at(&self) -> Option<Nanos> {
         if !self.running() || self.rates.nanosecond.is_zero() {
             return None;
         }
         let room = (self.limit - self.scaled) / self.rates.nanosecond;
         let room: u64 = room.try_into().unwrap_or(u64::MAX);
-        Some(self.accrued_to.saturating_add(room))
+        let at = self.accrued_to.saturating_add(room);
+        (at < self.live_until).then_some(at)
     }
 
     fn charge(&mut self, cost: U256) -> Result<(), MeterError> {
@@ -331,6 +353,25 @@ impl Meter {
     pub fn try_bytes_in(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
         self.accrue(now.max(self.accrued_to));
         self.charge(self.rates.byte_in * U256::from(bytes))?;
+        self.bytes_in += bytes;
+        self.window_events += 1;
+        Ok(())
+    }
+
+    /// Charges a request's `bytes` in if, after them, the credit left still pays for one
+    /// message and is not nothing: a request must be able to deliver its first unit, or it
+    /// would start upstream work (a model's prompt processing) nobody pays for. Otherwise
+    /// refuses it and changes nothing.
+    pub fn try_request(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
+        self.accrue(now.max(self.accrued_to));
+        let cost = self.rates.byte_in * U256::from(bytes);
+        let after = self.scaled.saturating_add(cost);
+        if after >= self.limit || self.limit - after < self.rates.message {
+            return Err(MeterError::Exhausted {
+                remaining: self.remaining(),
+            });
+        }
+        self.scaled = after;
         self.bytes_in += bytes;
         self.window_events += 1;
         Ok(())
@@ -525,9 +566,12 @@ impl Meter {
         ceil.to()
     }
 
-    /// The exact consumption as `(numerator, denominator)` base units.
-    pub fn exact_consumed(&self) -> (U256, U256) {
-        (self.scaled, self.rates.denominator)
+    /// The exact consumption.
+    pub fn exact_consumed(&self) -> Exact {
+        Exact {
+            numerator: self.scaled,
+            denominator: self.rates.denominator,
+        }
     }
 
     /// Whole base units left under the cumulative (rounded down).

@@ -11,11 +11,13 @@
 //!   is never paused.
 
 mod error;
+mod exact;
 #[allow(clippy::module_inception)]
 mod meter;
 mod tariff;
 
 pub use error::{MeterError, TariffError};
+pub use exact::Exact;
 pub use meter::{
     DEFAULT_LIVENESS_NS, DEFAULT_MARGIN_NS, DEFAULT_RTT_NS, MIN_RTT_NS, Meter, MeterConfig, Nanos,
     NeedVoucher, PauseReason, Usage,

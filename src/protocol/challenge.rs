@@ -90,6 +90,11 @@ pub struct ChannelStreamTerms {
     pub heartbeat_ms: u64,
     /// How long after a disconnect a session can be resumed.
     pub resume_window_seconds: u64,
+    /// The shortest `withdrawDelay` a channel may have for this server to accept it: the time
+    /// its settler needs to claim after a withdrawal request. An extension of the design's
+    /// terms; absent (0) from servers that do not set one.
+    #[serde(default)]
+    pub min_withdraw_delay_seconds: u32,
 }
 
 /// The EIP-712 domain's name and version.
@@ -192,6 +197,7 @@ mod tests {
             min_deposit: 100_000,
             heartbeat_ms: 5000,
             resume_window_seconds: 300,
+            min_withdraw_delay_seconds: 3600,
         };
         let resource = Resource {
             url: "http://127.0.0.1:8080/tokens".into(),
@@ -222,6 +228,7 @@ mod tests {
         assert_eq!(accept["extra"]["tariff"]["perMessage"]["per"], "1000");
         assert_eq!(accept["extra"]["creditWindow"], "1000");
         assert_eq!(accept["extra"]["resumeWindowSeconds"], 300);
+        assert_eq!(accept["extra"]["minWithdrawDelaySeconds"], 3600);
         assert!(c.channel_stream().is_some());
         assert!(c.header_value().len().is_multiple_of(4), "padded");
     }

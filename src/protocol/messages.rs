@@ -176,6 +176,14 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         data: Option<ErrorData>,
     },
+    /// The stream of one `request` ended (DESIGN.md 4.2): every outcome is a message, never
+    /// silence.
+    End {
+        /// The `seq` of the request's last `app` unit; `null` when it delivered none.
+        seq: Option<u64>,
+        /// `completed`, `max_tokens`, `upstream_failed`, `cancelled` or `interrupted`.
+        reason: String,
+    },
     /// The session ended: what was consumed, settled and refunded.
     #[serde(rename_all = "camelCase")]
     Receipt {
@@ -196,8 +204,36 @@ pub enum ServerMessage {
     },
 }
 
+/// Why the stream of a `request` ended: the `reason` of `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// The resource finished its answer.
+    Completed,
+    /// The request's own limit (`maxTokens`) was reached.
+    MaxTokens,
+    /// The upstream refused or failed (an `error` with code `upstream_failed` says why).
+    UpstreamFailed,
+    /// The client replaced it with a new request, or closed the session.
+    Cancelled,
+    /// The engine restarted, or the session moved, under it; it is not replayed.
+    Interrupted,
+}
+
+impl EndReason {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::MaxTokens => "max_tokens",
+            Self::UpstreamFailed => "upstream_failed",
+            Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
 /// The channel's accepted state, sent with errors so a client can re-sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorData {
     /// The accepted nonce.
     pub nonce: u64,
@@ -207,6 +243,11 @@ pub struct ErrorData {
     /// Consumption so far.
     #[serde(with = "money::u128_string")]
     pub consumed: u128,
+    /// The payer's signature over (`nonce`, `cumulative`), when the server holds one: a
+    /// client that lost its place re-syncs only to a state it can check it signed, so a lying
+    /// server cannot make it sign for credit it never gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Bytes>,
 }
 
 /// Decodes a text frame, telling a malformed message from an unknown type.

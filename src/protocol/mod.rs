@@ -12,8 +12,8 @@ pub use challenge::{
 };
 pub use error::ProtocolError;
 pub use messages::{
-    ClientMessage, ErrorData, ServerMessage, SignedStateMsg, decode_client, decode_server,
-    encode_app, encode_client, encode_server,
+    ClientMessage, EndReason, ErrorData, ServerMessage, SignedStateMsg, decode_client,
+    decode_server, encode_app, encode_client, encode_server,
 };
 
 /// Largest client message accepted (64 KiB): vouchers are about 300 bytes, and requests

@@ -1,8 +1,13 @@
 //! One WebSocket connection: the only place a session meets the socket, the store, the chain
 //! and the resource. It feeds the session messages, time and I/O results, and performs the
 //! effects the session returns, in order.
+//!
+//! Nothing here waits unbounded: every socket write has a timeout that closes the connection
+//! (a client that stops reading cannot freeze its connection's timers, its 4409 takeover or
+//! the shutdown), and a connection without a session is closed after a few errors.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,17 +23,20 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tracing::{debug, warn};
 
 use super::ServerState;
+use super::guard::Unauthenticated;
 use super::metrics::Metrics;
-use super::resource::{Resource, Unit};
+use super::registry::{ChainView, Refusal, Ticket};
+use super::resource::{Ended, Resource, Unit};
 use crate::chain::{ChannelChain, Claim};
-use crate::channel::{Close, signature};
+use crate::channel::{ChannelError, Close, signature};
 use crate::meter::Nanos;
 use crate::protocol::{
-    ClientMessage, CloseCode, ProtocolError, ServerMessage, decode_client, encode_app,
-    encode_server,
+    ClientMessage, CloseCode, EndReason, ProtocolError, ServerMessage, SignedStateMsg,
+    decode_client, encode_app, encode_server,
 };
-use crate::session::{Effect, Session};
-use crate::store::ChannelStore;
+use crate::session::resume::ResumeError;
+use crate::session::{ChainUpdate, Effect, Opening, Session, parse_voucher};
+use crate::store::{ChannelStore, PendingClaim};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -52,12 +60,23 @@ struct Connection<C, S> {
     session: Option<Session>,
     /// Units produced and not yet delivered (the per-session outbound queue, bounded).
     units: Option<mpsc::Receiver<Unit>>,
-    producer: Option<JoinHandle<()>>,
+    producer: Option<JoinHandle<Ended>>,
     /// A unit taken from the queue that could not be paid for yet.
     held: Option<Unit>,
     last_inbound: Nanos,
     /// Fires when another connection resumes this session (close with 4409).
     kick: Option<oneshot::Receiver<()>>,
+    /// The chain's news of the session's channel.
+    updates: Option<watch::Receiver<ChainView>>,
+    /// Counts this connection against its address until it has a session.
+    unauthenticated: Arc<Unauthenticated>,
+    ip: IpAddr,
+    /// `open`s of this connection refused after their signature was checked.
+    failed_opens: u32,
+    /// `error`s sent while the connection had no session.
+    errors_without_session: u32,
+    /// The session was counted in `sessions_active`.
+    counted_active: bool,
 }
 
 /// Runs a connection until it closes.
@@ -65,9 +84,11 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
     state: Arc<ServerState<C, S>>,
     ws: Ws,
     resource: Arc<dyn Resource>,
+    unauthenticated: Arc<Unauthenticated>,
     mut stop: watch::Receiver<bool>,
 ) {
     let now = state.now();
+    let ip = unauthenticated.ip();
     let mut conn = Connection {
         state,
         ws,
@@ -78,6 +99,12 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
         held: None,
         last_inbound: now,
         kick: None,
+        updates: None,
+        unauthenticated,
+        ip,
+        failed_opens: 0,
+        errors_without_session: 0,
+        counted_active: false,
     };
     let limits = conn.state.limits.clone();
     let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
@@ -112,17 +139,19 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
             biased;
             _ = stop.changed() => conn.shutdown().await,
             _ = kicked(&mut conn.kick) => conn.superseded().await,
+            view = changed(&mut conn.updates) => conn.on_chain(view).await,
             inbound = conn.ws.next() => conn.on_inbound(inbound).await,
             unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
             _ = ping.tick() => {
                 let payload = conn.state.now().to_be_bytes().to_vec();
-                match conn.ws.send(Message::Ping(payload.into())).await {
+                match conn.send(Message::Ping(payload.into())).await {
                     Ok(()) => Flow::Continue,
-                    Err(_) => conn.disconnected().await,
+                    Err(()) => Flow::Closed,
                 }
             }
             _ = &mut sleep => {
                 armed = 0;
+                conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
                 conn.on_timer().await
             }
         };
@@ -130,9 +159,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
             break;
         }
     }
-    if let Some(producer) = conn.producer.take() {
-        producer.abort();
-    }
+    conn.stop_request();
     conn.release().await;
 }
 
@@ -144,6 +171,16 @@ async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
                 std::future::pending::<()>().await;
             }
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn changed(updates: &mut Option<watch::Receiver<ChainView>>) -> ChainView {
+    match updates {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow_and_update(),
+            Err(_) => std::future::pending().await,
+        },
         None => std::future::pending().await,
     }
 }
@@ -166,16 +203,28 @@ fn frame_len(message: &Message) -> u64 {
     message.len() as u64
 }
 
+fn error_message(code: &str, message: impl Into<String>, retriable: bool) -> ServerMessage {
+    ServerMessage::Error {
+        code: code.into(),
+        message: message.into(),
+        retriable,
+        data: None,
+    }
+}
+
 impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
     fn metrics(&self) -> &Metrics {
         &self.state.metrics
     }
 
-    /// Sends a frame. If the socket does not take it at once, the client is reading slower
-    /// than we write: the session's clock stops from the moment the send began until it
+    /// Sends a frame, within the send timeout: a client that does not read for that long is
+    /// cut off (its session is parked and can be resumed), so a blocked write can never freeze
+    /// the connection. If the socket does not take the frame at once, the client is reading
+    /// slower than we write: the session's clock stops from the moment the send began until it
     /// completes, so the client is not charged for the wait. (No timer per message: the send
-    /// is polled once, and only a pending send pays for the bookkeeping.)
+    /// is polled once, and only a pending send pays for the timer.)
     async fn send(&mut self, message: Message) -> Result<(), ()> {
+        let timeout = Duration::from_millis(self.state.limits.send_timeout_ms);
         let send = self.ws.send(message);
         tokio::pin!(send);
         let result = match futures_util::poll!(send.as_mut()) {
@@ -185,12 +234,19 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                 if let Some(s) = self.session.as_mut() {
                     s.backpressure(true, start);
                 }
-                let r = send.await;
+                let r = tokio::time::timeout(timeout, send).await;
                 let end = self.state.now();
                 if let Some(s) = self.session.as_mut() {
                     s.backpressure(false, end);
                 }
-                r
+                match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        debug!("send timed out: the client is not reading");
+                        self.metrics().send_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return Err(());
+                    }
+                }
             }
         };
         result.map_err(|e| debug!("send failed: {e}"))
@@ -201,8 +257,11 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             code: WsCloseCode::from(code.as_u16()),
             reason: reason.to_string().into(),
         };
-        let _ = self.ws.send(Message::Close(Some(frame))).await;
-        let _ = self.ws.flush().await;
+        // Bounded like every send: a client that does not read gets no closing handshake.
+        if self.send(Message::Close(Some(frame))).await.is_err() {
+            return Flow::Closed;
+        }
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, self.ws.flush()).await;
         // The closing handshake: read (and drop) what the client still sends until its Close,
         // so the socket is not reset with unread data, which could discard the frames above
         // before the client reads them. Bounded: a client that never answers is cut off.
@@ -217,8 +276,8 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         Flow::Closed
     }
 
-    /// Performs effects in order; a `Persist` is awaited and its outcome fed back before the
-    /// next effect.
+    /// Performs effects in order; a `Verify` or a `Persist` is awaited and its outcome fed back
+    /// before the next effect.
     async fn apply(&mut self, effects: Vec<Effect>) -> Flow {
         let mut queue: VecDeque<Effect> = effects.into();
         // Once the socket fails, the rest of the effects that do not need it still run (the
@@ -228,17 +287,18 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             match effect {
                 Effect::Send(_) | Effect::Close(..) if broken => {}
                 Effect::Send(message) => {
+                    let without_session = !self.session.as_ref().is_some_and(Session::is_open);
                     match &message {
-                        ServerMessage::Error { code, .. } => self.metrics().rejected(code),
+                        ServerMessage::Error { code, .. } => {
+                            self.metrics().rejected(code);
+                            if without_session {
+                                self.errors_without_session += 1;
+                            }
+                        }
                         ServerMessage::Paused { .. } => {
                             self.metrics().pauses_total.fetch_add(1, Ordering::Relaxed);
                         }
-                        ServerMessage::VoucherAck { .. } => {
-                            self.metrics()
-                                .vouchers_accepted
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        ServerMessage::Session { .. } => {
+                        ServerMessage::VoucherAck { .. } | ServerMessage::Session { .. } => {
                             self.metrics()
                                 .vouchers_accepted
                                 .fetch_add(1, Ordering::Relaxed);
@@ -252,6 +312,26 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     {
                         // The session is suspended and parked when the connection ends.
                         broken = true;
+                    } else if without_session
+                        && self.errors_without_session >= self.state.limits.max_errors_before_open
+                        && !queue.iter().any(|e| matches!(e, Effect::Close(..)))
+                    {
+                        // A connection that is nobody's session gets a few answers, not a
+                        // stream of them (a flood of bad frames is cut off here).
+                        return self.close(CloseCode::Policy, "too many errors").await;
+                    }
+                }
+                Effect::Verify {
+                    payer,
+                    domain,
+                    voucher,
+                } => {
+                    let result = self.state.verifier.verify(domain, payer, voucher).await;
+                    if let Some(session) = self.session.as_mut() {
+                        let more = session.verified(result);
+                        for e in more.into_iter().rev() {
+                            queue.push_front(e);
+                        }
                     }
                 }
                 Effect::Persist {
@@ -261,7 +341,12 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     let result = self.state.store.save_voucher(channel_id, voucher).await;
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
+                        let opening = !session.is_open();
                         let more = session.persisted(result, now);
+                        if opening && session.is_open() {
+                            let sid = session.id().to_string();
+                            self.opened(channel_id, &sid);
+                        }
                         for e in more.into_iter().rev() {
                             queue.push_front(e);
                         }
@@ -272,61 +357,110 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     consumed,
                 } => {
                     if let Err(e) = self.state.store.save_consumed(channel_id, consumed).await {
-                        warn!(%channel_id, "could not save consumption: {e}");
+                        warn!(%channel_id, "consumption not saved, retrying in the background: {e}");
+                        self.state.flusher.defer_consumed(channel_id, consumed);
                     }
                 }
-                Effect::QueueClaim(claim) => {
-                    Metrics::add_amount(&self.metrics().settled_total, claim.amount);
-                    if let Err(e) = self.state.store.queue_claim(claim).await {
-                        warn!(channel_id = %claim.channel_id, "could not queue the final claim: {e}");
-                    }
-                }
-                Effect::CloseChannel(claim) => {
-                    Metrics::add_amount(&self.metrics().settled_total, claim.amount);
-                    let digest = self.state.params.domain.close_digest(&Close {
-                        channelId: claim.channel_id,
-                        amount: claim.amount,
-                    });
-                    let payee_signature = signature::sign_digest(&self.state.payee_key, &digest);
-                    let chain_claim = Claim {
-                        channel_id: claim.channel_id,
-                        nonce: claim.voucher.nonce,
-                        cumulative: claim.voucher.cumulative,
-                        amount: claim.amount,
-                        signature: claim.voucher.signature,
-                    };
-                    if let Err(e) = self
-                        .state
-                        .chain
-                        .close_cooperative(&chain_claim, &payee_signature)
-                        .await
-                    {
-                        // The claim is not lost: the settler takes it instead.
-                        warn!(channel_id = %claim.channel_id, "cooperative close failed, queuing the claim: {e}");
-                        if let Err(e) = self.state.store.queue_claim(claim).await {
-                            warn!(channel_id = %claim.channel_id, "could not queue the final claim: {e}");
-                        }
-                    }
-                    self.state.forget_channel(claim.channel_id);
-                }
+                Effect::QueueClaim(claim) => self.queue_claim(claim).await,
+                Effect::CloseChannel(claim) => self.close_channel(claim).await,
                 Effect::Request(body) => {
-                    if let Some(p) = self.producer.take() {
-                        p.abort();
-                    }
+                    self.stop_request();
                     let (tx, rx) = mpsc::channel(self.state.limits.queue_capacity);
                     self.producer = Some(self.resource.start(body, tx));
                     self.units = Some(rx);
-                    self.held = None;
+                }
+                Effect::CancelRequest => self.stop_request(),
+                Effect::Account { consumed, queued } => {
+                    Metrics::add_amount(&self.metrics().consumed_total, consumed);
+                    Metrics::add_amount(&self.metrics().settled_total, queued);
                 }
                 Effect::Close(code, reason) => {
-                    if let Some(s) = &self.session {
-                        Metrics::add_amount(&self.metrics().consumed_total, s.meter().consumed());
-                    }
                     return self.close(code, &reason).await;
                 }
             }
         }
         if broken { Flow::Closed } else { Flow::Continue }
+    }
+
+    /// Stops the running request's resource and drops what it had queued.
+    fn stop_request(&mut self) {
+        if let Some(p) = self.producer.take() {
+            p.abort();
+        }
+        self.units = None;
+        self.held = None;
+    }
+
+    async fn queue_claim(&mut self, claim: PendingClaim) {
+        if let Err(e) = self.state.store.queue_claim(claim).await {
+            warn!(channel_id = %claim.channel_id, "claim not queued, retrying in the background: {e}");
+            self.state.flusher.defer_claim(claim);
+        }
+    }
+
+    /// Closes the channel cooperatively: the payee's consent (`Close`) never expires on-chain,
+    /// so the channel is first marked closing in the store (it takes no new session or
+    /// voucher from then on, whatever happens to the transaction); if that or the
+    /// transaction fails, the claim is queued for the settler instead.
+    async fn close_channel(&mut self, claim: PendingClaim) {
+        let channel_id = claim.channel_id;
+        if let Err(e) = self
+            .state
+            .store
+            .mark_closing(channel_id, claim.amount)
+            .await
+        {
+            warn!(%channel_id, "could not record the close, queuing the claim instead: {e}");
+            return self.queue_claim(claim).await;
+        }
+        let digest = self.state.params.domain.close_digest(&Close {
+            channelId: channel_id,
+            amount: claim.amount,
+        });
+        let payee_signature = signature::sign_digest(&self.state.payee_key, &digest);
+        let chain_claim = Claim {
+            channel_id,
+            nonce: claim.voucher.nonce,
+            cumulative: claim.voucher.cumulative,
+            amount: claim.amount,
+            signature: claim.voucher.signature,
+        };
+        if let Err(e) = self
+            .state
+            .chain
+            .close_cooperative(&chain_claim, &payee_signature)
+            .await
+        {
+            // The claim is not lost: the settler takes it instead.
+            warn!(%channel_id, "cooperative close failed, queuing the claim: {e}");
+            self.queue_claim(claim).await;
+        }
+        self.state.forget_channel(channel_id);
+    }
+
+    /// The session's opening voucher is stored: the session is the channel's, live.
+    fn opened(&mut self, channel: alloy::primitives::B256, sid: &str) {
+        self.state.registry.activate(channel, sid);
+        self.unauthenticated.release();
+        self.metrics()
+            .sessions_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.count_active(true);
+    }
+
+    fn count_active(&mut self, active: bool) {
+        if active != self.counted_active {
+            self.counted_active = active;
+            if active {
+                self.metrics()
+                    .sessions_active
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.metrics()
+                    .sessions_active
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Delivers the held unit if it can now be paid for.
@@ -367,9 +501,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
 
     async fn on_unit(&mut self, unit: Option<Unit>) -> Flow {
         let Some(unit) = unit else {
-            // The resource finished this request.
-            self.units = None;
-            return Flow::Continue;
+            return self.on_request_done().await;
         };
         let now = self.state.now();
         let Some(session) = self.session.as_mut() else {
@@ -382,7 +514,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     .messages_total
                     .fetch_add(1, Ordering::Relaxed);
                 if self.send(frame).await.is_err() {
-                    return self.disconnected().await;
+                    return Flow::Closed;
                 }
                 if effects.is_empty() {
                     Flow::Continue
@@ -397,6 +529,37 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
     }
 
+    /// The resource finished the request, and every unit it produced was delivered: `end`.
+    async fn on_request_done(&mut self) -> Flow {
+        self.units = None;
+        let ended = match self.producer.take() {
+            Some(producer) => producer.await.unwrap_or_else(|e| {
+                Ended::failed(format!("the resource stopped unexpectedly: {e}"))
+            }),
+            None => Ended::because(EndReason::Completed),
+        };
+        let Some(session) = self.session.as_mut() else {
+            return Flow::Continue;
+        };
+        let effects = session.request_ended(ended.reason, ended.failure);
+        self.apply(effects).await
+    }
+
+    async fn on_chain(&mut self, view: ChainView) -> Flow {
+        let now = self.state.now();
+        let Some(session) = self.session.as_mut() else {
+            return Flow::Continue;
+        };
+        let mut effects = Vec::new();
+        if let Some(deposit) = view.deposit {
+            effects.extend(session.chain_update(ChainUpdate::ToppedUp { deposit }, now));
+        }
+        if let Some(closing) = view.closing {
+            effects.extend(session.chain_update(closing, now));
+        }
+        self.apply(effects).await
+    }
+
     async fn on_inbound(
         &mut self,
         inbound: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
@@ -404,7 +567,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         let now = self.state.now();
         self.last_inbound = now;
         let message = match inbound {
-            None => return self.disconnected().await,
+            None => return Flow::Closed,
             Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
                 use tokio_tungstenite::tungstenite::error::CapacityError;
                 let len = match e {
@@ -420,7 +583,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             }
             Some(Err(e)) => {
                 debug!("websocket error: {e}");
-                return self.disconnected().await;
+                return Flow::Closed;
             }
             Some(Ok(m)) => m,
         };
@@ -431,29 +594,23 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             },
             Message::Binary(_) => self.refuse(&ProtocolError::Binary).await,
             Message::Pong(payload) => {
-                if let Some(session) = self.session.as_mut() {
-                    if let Ok(sent) = <[u8; 8]>::try_from(payload.as_ref()) {
-                        session.set_rtt(now.saturating_sub(u64::from_be_bytes(sent)));
-                    }
-                    session.pong(now);
+                let Some(session) = self.session.as_mut() else {
+                    return Flow::Continue;
+                };
+                if let Ok(sent) = <[u8; 8]>::try_from(payload.as_ref()) {
+                    session.set_rtt(now.saturating_sub(u64::from_be_bytes(sent)));
                 }
-                Flow::Continue
+                let effects = session.pong(now);
+                self.apply(effects).await
             }
             Message::Ping(_) | Message::Frame(_) => Flow::Continue,
-            Message::Close(_) => self.disconnected().await,
+            Message::Close(_) => Flow::Closed,
         }
     }
 
     /// Answers a frame that could not be decoded; the session is unchanged.
     async fn refuse(&mut self, error: &ProtocolError) -> Flow {
-        let data = self.session.as_ref().map(|s| {
-            let a = s.accepted();
-            crate::protocol::ErrorData {
-                nonce: a.nonce,
-                cumulative: a.cumulative,
-                consumed: s.meter().consumed(),
-            }
-        });
+        let data = self.session.as_ref().map(Session::error_data);
         let mut effects = vec![Effect::Send(ServerMessage::Error {
             code: error.code().into(),
             message: error.to_string(),
@@ -478,10 +635,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         if let Some(session) = self.session.as_mut() {
             let is_voucher = matches!(message, ClientMessage::Voucher(_));
             let started = std::time::Instant::now();
-            let effects = {
-                let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
-                session.on_message(message, &mut keys, now)
-            };
+            let effects = session.on_message(message, now);
             let flow = self.apply(effects).await;
             if is_voucher {
                 // Verification latency: the checks, the signature and the store write, up to
@@ -492,116 +646,185 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             return flow;
         }
         match message {
-            ClientMessage::Open(msg) => {
-                // Claim the channel first, so the state loaded below is not changing under
-                // another session of this process.
-                let id = self.state.next_session_id();
-                let Some((token, kick)) = self.state.registry.admit(&id, msg.channel_id) else {
-                    let effects = vec![Effect::Send(ServerMessage::Error {
-                        code: "channel_busy".into(),
-                        message:
-                            "another session is open on this channel; resume it or close it first"
-                                .into(),
-                        retriable: true,
-                        data: None,
-                    })];
-                    return self.apply(effects).await;
-                };
-                let info = match self.state.read_channel(msg.channel_id).await {
-                    Ok(info) => info,
-                    Err(e) => {
-                        let effects = vec![Effect::Send(ServerMessage::Error {
-                            code: "chain_unavailable".into(),
-                            message: e.to_string(),
-                            retriable: true,
-                            data: None,
-                        })];
-                        self.state.registry.remove(&id);
-                        return self.apply(effects).await;
-                    }
-                };
-                let stored = match self.state.store.load(msg.channel_id).await {
-                    Ok(stored) => stored,
-                    Err(e) => {
-                        // Nothing can be accepted without the store: close (1011) so the
-                        // client retries later, possibly on another server.
-                        let effects = vec![
-                            Effect::Send(ServerMessage::Error {
-                                code: e.code().into(),
-                                message: e.to_string(),
-                                retriable: true,
-                                data: None,
-                            }),
-                            Effect::Close(CloseCode::Internal, e.code().into()),
-                        ];
-                        self.state.registry.remove(&id);
-                        return self.apply(effects).await;
-                    }
-                };
-                let now = self.state.now();
-                let opened = {
-                    let mut keys = self.state.keys.lock().unwrap_or_else(|p| p.into_inner());
-                    Session::open(
-                        self.state.params.clone(),
-                        id.clone(),
-                        token,
-                        info,
-                        stored,
-                        &msg,
-                        &mut keys,
-                        now,
-                    )
-                };
-                match opened {
-                    Ok((session, effects)) => {
-                        self.session = Some(session);
-                        self.kick = Some(kick);
-                        self.metrics()
-                            .sessions_total
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.metrics()
-                            .sessions_active
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.apply(effects).await
-                    }
-                    Err(effects) => {
-                        self.state.registry.remove(&id);
-                        self.apply(effects).await
-                    }
-                }
-            }
-            ClientMessage::Resume { token } => match self.state.registry.resume(&token).await {
-                Ok(claimed) => {
-                    let mut session = claimed.session;
-                    let now = self.state.now();
-                    let effects = session.resume(claimed.token, now);
-                    self.session = Some(session);
-                    self.kick = Some(claimed.kick);
-                    self.metrics()
-                        .sessions_active
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.apply(effects).await
-                }
-                Err(e) => {
-                    let effects = vec![
-                        Effect::Send(ServerMessage::Error {
-                            code: "bad_resume_token".into(),
-                            message: e.to_string(),
-                            retriable: false,
-                            data: None,
-                        }),
-                        Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
-                    ];
-                    self.apply(effects).await
-                }
-            },
+            ClientMessage::Open(msg) => self.on_open(msg).await,
+            ClientMessage::Resume { token } => self.on_resume(&token).await,
             _ => {
-                let effects = vec![Effect::Send(ServerMessage::Error {
-                    code: "no_session".into(),
-                    message: "send open (or resume) first".into(),
-                    retriable: true,
-                    data: None,
-                })];
+                let error = error_message("no_session", "send open (or resume) first", true);
+                self.apply(vec![Effect::Send(error)]).await
+            }
+        }
+    }
+
+    /// An `open` that failed after costing a signature check: counted against the connection
+    /// and its address.
+    fn failed_open(&mut self) {
+        self.failed_opens += 1;
+        self.state.guards.failed_open(self.ip);
+    }
+
+    /// Opens a session: the cheap checks of the channel first, then the voucher's signature
+    /// (off the reactor), and only then is the channel reserved, the store read, and the
+    /// voucher stored. A parked session on the channel is taken over once the new voucher is
+    /// stored; a bad `open` changes nothing.
+    async fn on_open(&mut self, msg: SignedStateMsg) -> Flow {
+        let limits = &self.state.limits;
+        if self.failed_opens >= limits.max_failed_opens_per_connection
+            || !self
+                .state
+                .guards
+                .may_open(self.ip, limits.max_failed_opens_per_ip_per_min)
+        {
+            let effects = vec![
+                Effect::Send(error_message(
+                    "rate_limited",
+                    "too many failed opens; retry later",
+                    false,
+                )),
+                Effect::Close(CloseCode::RateLimited, "rate_limited".into()),
+            ];
+            return self.apply(effects).await;
+        }
+        let voucher = match parse_voucher(&msg) {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed_open();
+                let error = error_message(e.code(), e.to_string(), e.retriable());
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+        };
+        let info = match self.state.read_channel(msg.channel_id).await {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                let e = ChannelError::ChannelNotOpen {
+                    channel_id: msg.channel_id,
+                    reason: "unknown channel",
+                };
+                let effects = vec![
+                    Effect::Send(error_message(e.code(), e.to_string(), false)),
+                    Effect::Close(CloseCode::PaymentRequired, e.code().into()),
+                ];
+                return self.apply(effects).await;
+            }
+            Err(e) => {
+                let error = error_message("chain_unavailable", e.to_string(), true);
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+        };
+        if let Err(effects) = Session::precheck(&self.state.params, &info) {
+            return self.apply(effects).await;
+        }
+        let verified = match self
+            .state
+            .verifier
+            .verify(self.state.params.domain, info.payer, voucher)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed_open();
+                let error = error_message(e.code(), e.to_string(), e.retriable());
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+        };
+        let sid = self.state.next_session_id();
+        let (ticket, parked) = match self.state.registry.reserve(msg.channel_id, &sid) {
+            Ok(reserved) => reserved,
+            Err(Refusal::Busy) => {
+                let error = error_message(
+                    "channel_busy",
+                    "another session is open on this channel; resume it or close it first",
+                    true,
+                );
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+            Err(Refusal::Closing(update)) => {
+                let reason = match update {
+                    ChainUpdate::WithdrawRequested => "the payer requested a withdrawal",
+                    _ => "the channel was closed",
+                };
+                let effects = vec![
+                    Effect::Send(error_message("channel_not_open", reason, false)),
+                    Effect::Close(CloseCode::PaymentRequired, "channel_not_open".into()),
+                ];
+                return self.apply(effects).await;
+            }
+        };
+        let stored = match self.state.store.load(msg.channel_id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Nothing can be accepted without the store: close (1011) so the client
+                // retries later, possibly on another server.
+                self.state.registry.cancel(msg.channel_id, &sid);
+                let effects = vec![
+                    Effect::Send(error_message(e.code(), e.to_string(), true)),
+                    Effect::Close(CloseCode::Internal, e.code().into()),
+                ];
+                return self.apply(effects).await;
+            }
+        };
+        // Consumption the store may not have yet: a parked session's, or a write being retried.
+        let carried = match (parked, self.state.flusher.consumed(msg.channel_id)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let Ticket {
+            token,
+            kick,
+            updates,
+        } = ticket;
+        let opening = Opening {
+            info,
+            stored,
+            carried,
+            voucher: verified,
+        };
+        let now = self.state.now();
+        match Session::open(self.state.params.clone(), sid.clone(), token, opening, now) {
+            Ok((session, effects)) => {
+                self.session = Some(session);
+                self.kick = Some(kick);
+                self.updates = Some(updates);
+                let flow = self.apply(effects).await;
+                if self.session.as_ref().is_some_and(Session::is_closed) && !self.counted_active {
+                    // The opening voucher was not stored: no session, the channel as it was.
+                    self.session = None;
+                    self.kick = None;
+                    self.updates = None;
+                    self.state.registry.cancel(msg.channel_id, &sid);
+                    self.failed_open();
+                }
+                flow
+            }
+            Err(effects) => {
+                self.state.registry.cancel(msg.channel_id, &sid);
+                self.failed_open();
+                self.apply(effects).await
+            }
+        }
+    }
+
+    async fn on_resume(&mut self, token: &str) -> Flow {
+        match self.state.registry.resume(token).await {
+            Ok(claimed) => {
+                let mut session = claimed.session;
+                let now = self.state.now();
+                let effects = session.resume(claimed.ticket.token, now);
+                self.session = Some(session);
+                self.kick = Some(claimed.ticket.kick);
+                self.updates = Some(claimed.ticket.updates);
+                self.unauthenticated.release();
+                self.count_active(true);
+                self.apply(effects).await
+            }
+            Err(ResumeError::Busy) => {
+                let error = error_message("channel_busy", ResumeError::Busy.to_string(), true);
+                self.apply(vec![Effect::Send(error)]).await
+            }
+            Err(e) => {
+                let effects = vec![
+                    Effect::Send(error_message("bad_resume_token", e.to_string(), false)),
+                    Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
+                ];
                 self.apply(effects).await
             }
         }
@@ -622,13 +845,9 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
     }
 
-    /// The socket is gone: the session is suspended and parked when the loop ends.
-    async fn disconnected(&mut self) -> Flow {
-        Flow::Closed
-    }
-
     /// Shutdown: the session is saved and parked (resumable), the client told 1001.
     async fn shutdown(&mut self) -> Flow {
+        self.stop_request();
         self.release().await;
         self.close(CloseCode::GoingAway, "server going away").await
     }
@@ -636,17 +855,23 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
     /// Another connection resumed this session: save, and close with 4409.
     async fn superseded(&mut self) -> Flow {
         self.kick = None;
+        self.stop_request();
         // Park first, so the resuming connection gets the session without waiting for this
         // one's closing handshake.
         self.release().await;
-        let error = ServerMessage::Error {
-            code: "session_superseded".into(),
-            message: "the session was resumed on another connection".into(),
-            retriable: false,
-            data: None,
-        };
-        let _ = self.send(Message::Text(encode_server(&error).into())).await;
+        let error = error_message(
+            "session_superseded",
+            "the session was resumed on another connection",
+            false,
+        );
         self.metrics().rejected("session_superseded");
+        if self
+            .send(Message::Text(encode_server(&error).into()))
+            .await
+            .is_err()
+        {
+            return Flow::Closed;
+        }
         self.close(CloseCode::SessionSuperseded, "session superseded")
             .await
     }
@@ -657,12 +882,11 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         let Some(mut session) = self.session.take() else {
             return;
         };
-        self.state
-            .metrics
-            .sessions_active
-            .fetch_sub(1, Ordering::Relaxed);
+        self.count_active(false);
+        self.updates = None;
+        let channel = session.channel_id();
         if !session.is_open() {
-            self.state.registry.remove(session.id());
+            self.state.registry.remove(channel, session.id());
             return;
         }
         let now = self.state.now();
@@ -676,7 +900,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                 .filter(|e| !matches!(e, Effect::Send(_) | Effect::Close(..)))
                 .collect();
             let _ = self.apply(effects).await;
-            self.state.registry.remove(&id);
+            self.state.registry.remove(channel, &id);
         }
     }
 }

@@ -20,14 +20,21 @@ pub struct Metrics {
     pub vouchers_accepted: AtomicU64,
     /// Refusals by error code (vouchers and other input).
     rejected: Mutex<BTreeMap<String, u64>>,
-    /// Base units consumed in ended sessions.
+    /// Base units consumed, counted once each, when sessions are suspended or end.
     pub consumed_total: AtomicU64,
-    /// Base units queued or closed for settlement.
+    /// Base units queued or closed for settlement, counted once each.
     pub settled_total: AtomicU64,
     /// Times delivery paused.
     pub pauses_total: AtomicU64,
     /// Application messages delivered.
     pub messages_total: AtomicU64,
+    /// Connection timer wake-ups (a session's deadlines, usage, credit running out): what
+    /// idle and paused sessions cost.
+    pub wakeups_total: AtomicU64,
+    /// Channel events the chain watcher read.
+    pub chain_events: AtomicU64,
+    /// Connections closed because a send did not complete within the send timeout.
+    pub send_timeouts: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -86,7 +93,7 @@ impl Metrics {
         );
         counter(
             "paystream_consumed_base_units_total",
-            "Base units consumed in ended sessions.",
+            "Base units consumed, counted when sessions are suspended or end.",
             "counter",
             load(&self.consumed_total),
         );
@@ -107,6 +114,24 @@ impl Metrics {
             "Application messages delivered.",
             "counter",
             load(&self.messages_total),
+        );
+        counter(
+            "paystream_wakeups_total",
+            "Connection timer wake-ups.",
+            "counter",
+            load(&self.wakeups_total),
+        );
+        counter(
+            "paystream_chain_events_total",
+            "Channel events read from the contract.",
+            "counter",
+            load(&self.chain_events),
+        );
+        counter(
+            "paystream_send_timeouts_total",
+            "Connections closed because a send did not complete in time.",
+            "counter",
+            load(&self.send_timeouts),
         );
         let _ = writeln!(
             out,

@@ -7,10 +7,14 @@
 //! claims), wait for them to drain.
 
 mod connection;
+pub mod flusher;
+pub mod guard;
 pub mod metrics;
 pub mod openai;
 mod registry;
 pub mod resource;
+pub mod verify;
+pub mod watcher;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,7 +41,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, info, warn};
 
 use crate::chain::{ChainError, ChannelChain};
-use crate::channel::{ChannelInfo, PayerKeys};
+use crate::channel::ChannelInfo;
 use crate::meter::Nanos;
 use crate::protocol::{
     ChannelStreamTerms, DomainTerms, PAYMENT_REQUIRED_HEADER, PROTOCOL, PaymentRequired,
@@ -47,6 +51,7 @@ use crate::session::resume::ResumeKeys;
 use crate::store::ChannelStore;
 use metrics::Metrics;
 use resource::{Resource, Resources};
+use verify::Verifier;
 
 /// 1,024 connections at once: each costs a task, a socket and a few kilobytes of buffers.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
@@ -64,6 +69,20 @@ pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
 pub const DEFAULT_RESUME_WINDOW_SECS: u64 = 300;
 /// How long shutdown waits for sessions to close.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// A frame the client's socket has not taken in 10 s closes the connection (its session is
+/// parked, resumable): a client that stops reading cannot freeze its connection's timers, and
+/// by then it has also missed two heartbeats.
+pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 10_000;
+/// Connections one address may hold before any of them opens a session: generous for a NAT,
+/// and it stops one host from taking every connection slot with sockets that never pay.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_IP: usize = 256;
+/// `error`s a connection without a session gets before it is closed (1008).
+pub const DEFAULT_MAX_ERRORS_BEFORE_OPEN: u32 = 8;
+/// `open`s one connection may have refused after their signature was checked (then 4429).
+pub const DEFAULT_MAX_FAILED_OPENS_PER_CONNECTION: u32 = 3;
+/// `open`s one address may have refused per minute (each costs a signature check, a key
+/// recovery on a cold cache); above it, its `open`s are refused before any (then 4429).
+pub const DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN: u32 = 30;
 
 /// Bounds on what a server holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +101,20 @@ pub struct Limits {
     pub channel_cache_ms: u64,
     /// How long shutdown waits for sessions.
     pub drain_timeout_ms: u64,
+    /// How long a frame may wait for the client's socket before the connection closes.
+    pub send_timeout_ms: u64,
+    /// Connections per address before one of them opens a session.
+    pub max_unauthenticated_per_ip: usize,
+    /// Errors a connection without a session gets before it is closed.
+    pub max_errors_before_open: u32,
+    /// Refused opens per connection.
+    pub max_failed_opens_per_connection: u32,
+    /// Refused opens per address per minute.
+    pub max_failed_opens_per_ip_per_min: u32,
+    /// How often the chain watcher polls for channel events.
+    pub watch_interval_ms: u64,
+    /// Blocks per `eth_getLogs` call of the chain watcher.
+    pub log_range_blocks: u64,
 }
 
 impl Default for Limits {
@@ -94,6 +127,13 @@ impl Default for Limits {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             channel_cache_ms: DEFAULT_CHANNEL_CACHE_MS,
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+            send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
+            max_unauthenticated_per_ip: DEFAULT_MAX_UNAUTHENTICATED_PER_IP,
+            max_errors_before_open: DEFAULT_MAX_ERRORS_BEFORE_OPEN,
+            max_failed_opens_per_connection: DEFAULT_MAX_FAILED_OPENS_PER_CONNECTION,
+            max_failed_opens_per_ip_per_min: DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN,
+            watch_interval_ms: watcher::DEFAULT_WATCH_INTERVAL_MS,
+            log_range_blocks: watcher::DEFAULT_LOG_RANGE_BLOCKS,
         }
     }
 }
@@ -120,7 +160,12 @@ pub struct ServerState<C, S> {
     pub resume_window_secs: u64,
     /// Sessions that can be resumed.
     pub registry: registry::Registry,
-    keys: Mutex<PayerKeys>,
+    /// Signature checks, off the reactor.
+    pub verifier: Verifier,
+    /// Per-address bounds.
+    pub guards: Arc<guard::Guards>,
+    /// Consumption and claims the store refused, retried until it takes them.
+    pub flusher: flusher::Flusher,
     channels: Mutex<LruCache<B256, (Instant, Option<ChannelInfo>)>>,
     started: Instant,
     sessions: AtomicU64,
@@ -159,7 +204,9 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
                 Duration::from_secs(DEFAULT_RESUME_WINDOW_SECS),
                 DEFAULT_MAX_CONNECTIONS * 4,
             ),
-            keys: Mutex::new(PayerKeys::default()),
+            verifier: Verifier::default(),
+            guards: Arc::default(),
+            flusher: flusher::Flusher::default(),
             channels: Mutex::new(LruCache::new(NonZeroUsize::new(16_384).expect("non-zero"))),
             started: Instant::now(),
             sessions: AtomicU64::new(0),
@@ -182,7 +229,7 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
         self.started.elapsed().as_nanos() as Nanos
     }
 
-    fn next_session_id(&self) -> String {
+    pub(crate) fn next_session_id(&self) -> String {
         let n = self.sessions.fetch_add(1, Ordering::Relaxed);
         let seed = [
             &n.to_be_bytes()[..],
@@ -194,7 +241,7 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
     }
 
     /// The channel as the chain holds it, through a short cache.
-    async fn read_channel(&self, id: B256) -> Result<Option<ChannelInfo>, ChainError> {
+    pub(crate) async fn read_channel(&self, id: B256) -> Result<Option<ChannelInfo>, ChainError> {
         let ttl = Duration::from_millis(self.limits.channel_cache_ms);
         if let Some((at, info)) = self
             .channels
@@ -213,8 +260,8 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
         Ok(info)
     }
 
-    /// Drops a cached channel read (after this server changed the channel on-chain).
-    fn forget_channel(&self, id: B256) {
+    /// Drops a cached channel read (after the channel changed on-chain).
+    pub(crate) fn forget_channel(&self, id: B256) {
         self.channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -234,6 +281,7 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
             min_deposit: self.params.min_deposit,
             heartbeat_ms: self.params.heartbeat_ms,
             resume_window_seconds: self.resume_window_secs,
+            min_withdraw_delay_seconds: self.params.min_withdraw_delay_secs,
         };
         let resource = crate::protocol::Resource {
             url: format!("{}/{name}", self.public_url),
@@ -283,6 +331,7 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
     state: Arc<ServerState<C, S>>,
     stop: watch::Receiver<bool>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    unauthenticated: Arc<guard::Unauthenticated>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET {
         return Ok(text(
@@ -363,7 +412,7 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
                     Some(config),
                 )
                 .await;
-                connection::run(state, ws, resource, stop).await;
+                connection::run(state, ws, resource, unauthenticated, stop).await;
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }
@@ -389,6 +438,12 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
     let connections = Arc::new(Semaphore::new(state.limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let chain_watcher = tokio::spawn(watcher::run(state.clone(), stop_rx.clone()));
+    let (flusher_stop, flusher_rx) = watch::channel(false);
+    let flusher = {
+        let state = state.clone();
+        tokio::spawn(async move { state.flusher.run(&state.store, flusher_rx).await })
+    };
     tokio::pin!(shutdown);
     info!(addr = %listener.local_addr()?, "serving");
     loop {
@@ -410,13 +465,30 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
             },
             () = &mut shutdown => break,
         };
+        let Some(unauthenticated) = state
+            .guards
+            .admit(peer.ip(), state.limits.max_unauthenticated_per_ip)
+        else {
+            // This address holds its share of connections without a session: no more.
+            debug!(%peer, "refused: too many connections without a session from this address");
+            drop(stream);
+            continue;
+        };
+        let unauthenticated = Arc::new(unauthenticated);
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let stop = stop_rx.clone();
         let permit = Arc::new(permit);
         tasks.spawn(async move {
-            let service =
-                service_fn(move |req| handle(req, state.clone(), stop.clone(), permit.clone()));
+            let service = service_fn(move |req| {
+                handle(
+                    req,
+                    state.clone(),
+                    stop.clone(),
+                    permit.clone(),
+                    unauthenticated.clone(),
+                )
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -440,5 +512,9 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
         warn!("drain timeout: some sessions did not close in time");
     }
     tasks.abort_all();
+    chain_watcher.abort();
+    // The sessions' last writes are in; what the store refused is tried once more.
+    let _ = flusher_stop.send(true);
+    let _ = flusher.await;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! An OpenAI-compatible streaming upstream (`POST /v1/chat/completions` with `stream: true`,
 //! answered with server-sent events), as served by llama.cpp's server, vLLM and Ollama. Each
 //! content delta becomes one `app` unit `{"token": "..."}`, charged like any unit: per message,
-//! and per byte if priced. An upstream error or disconnect ends the stream; only what was
-//! delivered is billed (units are charged at delivery, not at production).
+//! and per byte if priced. An upstream refusal, error, timeout or disconnect ends the stream
+//! with `end {upstream_failed}` (after `error {upstream_failed}` saying what failed); only what
+//! was delivered is billed (units are charged at delivery, not at production).
 
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::resource::{Resource, Unit};
+use super::resource::{Ended, Resource, Unit};
+use crate::protocol::EndReason;
 
 /// Largest SSE line accepted from the upstream (a guard against a runaway upstream).
 const MAX_SSE_LINE_BYTES: usize = 1 << 20;
@@ -70,7 +72,7 @@ impl Resource for OpenAiUpstream {
         "application/json".into()
     }
 
-    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<()> {
+    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<Ended> {
         let url = format!(
             "{}/v1/chat/completions",
             self.base_url.trim_end_matches('/')
@@ -79,55 +81,106 @@ impl Resource for OpenAiUpstream {
         let api_key = self.api_key.clone();
         let timeout = self.timeout;
         tokio::spawn(async move {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = match reqwest::Client::builder().connect_timeout(timeout).build() {
-                Ok(c) => c,
-                Err(e) => return warn!("upstream client: {e}"),
-            };
-            let mut req = client.post(&url).json(&body);
-            if let Some(key) = api_key {
-                req = req.bearer_auth(key);
+            let ended = stream(url, body, api_key, timeout, tx).await;
+            if let Some(failure) = &ended.failure {
+                warn!("upstream: {failure}");
             }
-            let response = match tokio::time::timeout(timeout, req.send()).await {
-                Ok(Ok(r)) if r.status().is_success() => r,
-                Ok(Ok(r)) => return warn!(status = %r.status(), "upstream refused the request"),
-                Ok(Err(e)) => return warn!("upstream request failed: {e}"),
-                Err(_) => return warn!("upstream did not answer in time"),
-            };
-            let mut stream = response.bytes_stream();
-            let mut buffer: Vec<u8> = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    // A disconnect mid-stream ends the stream: what was delivered is billed.
-                    Err(e) => return warn!("upstream stream ended: {e}"),
-                };
-                buffer.extend_from_slice(&chunk);
-                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
-                    let line = String::from_utf8_lossy(&line);
-                    let Some(payload) = line.trim_end().strip_prefix("data:") else {
-                        continue;
-                    };
-                    let payload = payload.trim();
-                    if payload == "[DONE]" {
-                        return;
-                    }
-                    if let Some(token) = delta_content(payload)
-                        && tx
-                            .send(Unit::Json(serde_json::json!({ "token": token })))
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-                if buffer.len() > MAX_SSE_LINE_BYTES {
-                    return warn!("upstream sent an oversized line");
-                }
-            }
+            ended
         })
     }
+}
+
+/// Streams one completion into `tx`; returns how it ended.
+async fn stream(
+    url: String,
+    body: serde_json::Value,
+    api_key: Option<String>,
+    timeout: Duration,
+    tx: mpsc::Sender<Unit>,
+) -> Ended {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match reqwest::Client::builder().connect_timeout(timeout).build() {
+        Ok(c) => c,
+        Err(e) => return Ended::failed(format!("upstream client: {e}")),
+    };
+    let mut req = client.post(&url).json(&body);
+    if let Some(key) = api_key {
+        req = req.bearer_auth(key);
+    }
+    let response = match tokio::time::timeout(timeout, req.send()).await {
+        Ok(Ok(r)) if r.status().is_success() => r,
+        Ok(Ok(r)) => {
+            return Ended::failed(format!("the upstream refused the request: {}", r.status()));
+        }
+        Ok(Err(e)) => return Ended::failed(format!("the upstream request failed: {e}")),
+        Err(_) => {
+            return Ended::failed(format!(
+                "the upstream did not answer within {} ms",
+                timeout.as_millis()
+            ));
+        }
+    };
+    let mut stream = response.bytes_stream();
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut finish: Option<String> = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            // A disconnect mid-stream ends the stream: what was delivered is billed.
+            Err(e) => return Ended::failed(format!("the upstream stream broke: {e}")),
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(payload) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            let payload = payload.trim();
+            if payload == "[DONE]" {
+                return ended_by(finish.as_deref());
+            }
+            if let Some(reason) = finish_reason(payload) {
+                finish = Some(reason);
+            }
+            if let Some(token) = delta_content(payload)
+                && tx
+                    .send(Unit::Json(serde_json::json!({ "token": token })))
+                    .await
+                    .is_err()
+            {
+                return Ended::because(EndReason::Cancelled);
+            }
+        }
+        if buffer.len() > MAX_SSE_LINE_BYTES {
+            return Ended::failed("the upstream sent an oversized line");
+        }
+    }
+    match finish {
+        Some(reason) => ended_by(Some(&reason)),
+        None => Ended::failed("the upstream closed the stream before finishing its answer"),
+    }
+}
+
+/// A finished answer by its OpenAI `finish_reason`: `length` is the request's token limit.
+fn ended_by(finish_reason: Option<&str>) -> Ended {
+    Ended::because(match finish_reason {
+        Some("length") => EndReason::MaxTokens,
+        _ => EndReason::Completed,
+    })
+}
+
+/// The `finish_reason` of one SSE `data:` payload, if it has one.
+pub fn finish_reason(payload: &str) -> Option<String> {
+    let chunk: serde_json::Value = serde_json::from_str(payload).ok()?;
+    Some(
+        chunk
+            .get("choices")?
+            .get(0)?
+            .get("finish_reason")?
+            .as_str()?
+            .to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::protocol::EndReason;
+
 /// One unit of a resource: an `app` message's data, or a binary frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Unit {
@@ -14,6 +16,34 @@ pub enum Unit {
     Json(serde_json::Value),
     /// Passed through as a binary frame, metered per message and per byte.
     Binary(Vec<u8>),
+}
+
+/// How a resource's stream for one request ended: the `reason` of the `end` message, and what
+/// went wrong when the upstream failed (sent as `error {upstream_failed}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Why it ended.
+    pub reason: EndReason,
+    /// What failed, for [`EndReason::UpstreamFailed`].
+    pub failure: Option<String>,
+}
+
+impl Ended {
+    /// Ended for `reason`.
+    pub fn because(reason: EndReason) -> Self {
+        Self {
+            reason,
+            failure: None,
+        }
+    }
+
+    /// The upstream refused or failed: `failure` says how.
+    pub fn failed(failure: impl Into<String>) -> Self {
+        Self {
+            reason: EndReason::UpstreamFailed,
+            failure: Some(failure.into()),
+        }
+    }
 }
 
 /// A streaming resource.
@@ -25,9 +55,10 @@ pub trait Resource: Send + Sync + 'static {
         "application/json".into()
     }
     /// Starts producing units for `request` into `tx`. The producer stops when `tx` is closed
-    /// (the connection dropped the receiver) or when it has nothing more to send; `tx` is
-    /// bounded, so a producer never runs ahead of delivery by more than its capacity.
-    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<()>;
+    /// (the connection dropped the receiver) or when it has nothing more to send, and returns
+    /// why it ended; `tx` is bounded, so a producer never runs ahead of delivery by more than
+    /// its capacity.
+    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<Ended>;
 }
 
 /// Deterministic text, one `app` message per token, at a configurable rate: the resource the
@@ -60,11 +91,9 @@ impl Resource for TokenGenerator {
         )
     }
 
-    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<()> {
-        let max = request
-            .get("maxTokens")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(self.default_max_tokens);
+    fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<Ended> {
+        let asked = request.get("maxTokens").and_then(|v| v.as_u64());
+        let max = asked.unwrap_or(self.default_max_tokens);
         let rate = self.tokens_per_sec;
         tokio::spawn(async move {
             let mut interval = (rate > 0).then(|| {
@@ -79,9 +108,16 @@ impl Resource for TokenGenerator {
                 }
                 let unit = Unit::Json(serde_json::json!({ "token": TokenGenerator::token(i) }));
                 if tx.send(unit).await.is_err() {
-                    return;
+                    return Ended::because(EndReason::Cancelled);
                 }
             }
+            // The generator has no natural end: it stops at the request's limit, or at its
+            // default length, which is its whole answer.
+            Ended::because(if asked.is_some() {
+                EndReason::MaxTokens
+            } else {
+                EndReason::Completed
+            })
         })
     }
 }

@@ -1,30 +1,45 @@
 //! Per-connection logic, I/O-free (DESIGN.md sections 4.2 and 5): messages and time in,
-//! [`Effect`]s out. The server performs the effects (send, persist, queue a claim, close) and
-//! feeds back what happened; nothing here awaits or reads a clock.
+//! [`Effect`]s out. The server performs the effects (check a signature, persist, send, queue a
+//! claim, close) and feeds back what happened; nothing here awaits or reads a clock.
 //!
 //! The money rules live here:
-//! - a voucher is checked, then [`Effect::Persist`]ed, and only once the server reports it
-//!   stored ([`Session::persisted`]) is it acknowledged (`voucher_ack`) and its credit used;
-//! - a unit is delivered only if the meter can charge it within the accepted cumulative
-//!   ([`Session::deliver`]); otherwise delivery pauses (`paused`) until a voucher arrives;
-//! - `need_voucher` goes out early, with a deadline after which the session closes with 4408;
+//! - a voucher's fields are checked, then its signature ([`Effect::Verify`], off the reactor),
+//!   then it is [`Effect::Persist`]ed, and only once the server reports it stored
+//!   ([`Session::persisted`]) is it acknowledged (`voucher_ack`) and its credit used;
+//! - `open` needs a state the payer signed after the stored one (a nonce above it): the stored
+//!   voucher is public (plain `ws://`, a proxy's log, `settle` calldata) and must not open a
+//!   session for whoever repeats it;
+//! - a unit is delivered only if the meter can charge it within the accepted cumulative, and
+//!   only while the client answers its heartbeats ([`Session::deliver`]); otherwise delivery
+//!   pauses (`paused`) until a voucher, or a Pong, arrives;
+//! - `need_voucher` goes out early, is repeated while delivery is paused for credit, and has a
+//!   deadline after which the session closes with 4408;
+//! - a request needs credit for its first unit; requests are rate limited, one streams at a
+//!   time, and each ends with `end`;
+//! - consumption is carried exactly from one session on a channel to the next;
 //! - at the end the final claim (the consumption, rounded up) is queued for settlement, and the
-//!   receipt tells the client its refund.
+//!   receipt tells the client its refund. A channel the chain shows closing ends the session.
+
+mod requests;
+pub mod resume;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
 
-use crate::channel::{AcceptedState, ChannelState};
 use crate::channel::{
-    ChannelDomain, ChannelError, ChannelInfo, OpenChannel, PayerKeys, SignedState, signature,
+    AcceptedState, ChannelDomain, ChannelError, ChannelInfo, ChannelState, OpenChannel,
+    SignedState, VerifiedState, signature,
 };
-use crate::meter::{Meter, MeterConfig, Nanos, PauseReason, Tariff};
-use crate::protocol::{ClientMessage, CloseCode, ErrorData, ServerMessage, SignedStateMsg};
+use crate::meter::{Exact, Meter, MeterConfig, Nanos, PauseReason, Tariff};
+use crate::protocol::{
+    ClientMessage, CloseCode, EndReason, ErrorData, ServerMessage, SignedStateMsg,
+};
 use crate::store::{PendingClaim, StoreError, StoredChannel, StoredVoucher};
+use requests::{Admission, Requests};
 
-pub mod resume;
+pub use requests::DEFAULT_MAX_REQUESTS_PER_SEC;
 
 /// 30 s to answer `need_voucher` before the session closes with 4408: well above any round
 /// trip, well below the time a client could stream on an unpaid promise.
@@ -38,6 +53,10 @@ pub const DEFAULT_MAX_VOUCHERS_PER_SEC: usize = 20;
 /// While delivery is paused for credit, an unanswered `need_voucher` is repeated every second
 /// until its deadline: cheap, and a client that deferred the first ask answers within one.
 pub const REASK_INTERVAL_MS: u64 = 1_000;
+/// A channel must give the payee at least an hour to claim after a withdrawal request (the
+/// contract allows 15 minutes): time for the settler to claim through an RPC outage or a
+/// congested chain, before the payer can take the deposit back.
+pub const DEFAULT_MIN_WITHDRAW_DELAY_SECS: u32 = 3_600;
 
 const NS_PER_MS: u64 = 1_000_000;
 
@@ -56,6 +75,9 @@ pub struct SessionParams {
     pub meter: MeterConfig,
     /// Smallest deposit accepted.
     pub min_deposit: u128,
+    /// Shortest `withdrawDelay` accepted: the time the settler has to claim after a payer
+    /// requests a withdrawal.
+    pub min_withdraw_delay_secs: u32,
     /// Ping interval.
     pub heartbeat_ms: u64,
     /// Interval of `usage` messages and consumption saves.
@@ -64,6 +86,39 @@ pub struct SessionParams {
     pub voucher_deadline_ms: u64,
     /// Voucher flood limit (closes with 4429).
     pub max_vouchers_per_sec: usize,
+    /// Requests accepted per second (`rate_limited` above it, 4429 above twice it).
+    pub max_requests_per_sec: usize,
+    /// A request while another streams cancels the running one (`end {cancelled}`) instead of
+    /// being refused with `request_in_progress`.
+    pub replace_requests: bool,
+}
+
+impl SessionParams {
+    /// Parameters with the defaults for everything but the domain, the payee, the token, the
+    /// tariff and the credit window.
+    pub fn new(
+        domain: ChannelDomain,
+        payee: Address,
+        token: Address,
+        tariff: Tariff,
+        credit_window: u128,
+    ) -> Self {
+        Self {
+            domain,
+            payee,
+            token,
+            tariff,
+            meter: MeterConfig::with_credit_window(credit_window),
+            min_deposit: 0,
+            min_withdraw_delay_secs: DEFAULT_MIN_WITHDRAW_DELAY_SECS,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            usage_interval_ms: DEFAULT_USAGE_INTERVAL_MS,
+            voucher_deadline_ms: DEFAULT_VOUCHER_DEADLINE_MS,
+            max_vouchers_per_sec: DEFAULT_MAX_VOUCHERS_PER_SEC,
+            max_requests_per_sec: DEFAULT_MAX_REQUESTS_PER_SEC,
+            replace_requests: false,
+        }
+    }
 }
 
 /// Something the server must do, in order.
@@ -71,6 +126,16 @@ pub struct SessionParams {
 pub enum Effect {
     /// Send a message.
     Send(ServerMessage),
+    /// Check that `payer` signed `voucher` under `domain` (the costly step: off the async
+    /// reactor), then call [`Session::verified`] with the result before anything else.
+    Verify {
+        /// The channel's payer.
+        payer: Address,
+        /// The signing domain.
+        domain: ChannelDomain,
+        /// The voucher.
+        voucher: SignedState,
+    },
     /// Store this voucher, then call [`Session::persisted`] with the result before anything
     /// else. Nothing about it is acknowledged until then.
     Persist {
@@ -79,12 +144,12 @@ pub enum Effect {
         /// The voucher.
         voucher: StoredVoucher,
     },
-    /// Save the consumption (whole base units, rounded up).
+    /// Save the consumption, exactly.
     PersistConsumed {
         /// The channel.
         channel_id: B256,
         /// Consumption so far.
-        consumed: u128,
+        consumed: Exact,
     },
     /// Queue the final claim for the settler.
     QueueClaim(PendingClaim),
@@ -92,8 +157,32 @@ pub enum Effect {
     CloseChannel(PendingClaim),
     /// Start the resource on this request body.
     Request(serde_json::Value),
+    /// Stop the running request's resource (it was cancelled).
+    CancelRequest,
+    /// For `/metrics`: base units consumed and queued for settlement since the last account
+    /// of this session (so resumes and closes count each unit once).
+    Account {
+        /// Newly consumed.
+        consumed: u128,
+        /// Newly queued or closed for settlement.
+        queued: u128,
+    },
     /// Close the WebSocket with this code.
     Close(CloseCode, String),
+}
+
+/// What the chain says happened to a channel, as the server's watcher reads its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainUpdate {
+    /// The deposit grew to `deposit` (`ToppedUp`).
+    ToppedUp {
+        /// The new deposit.
+        deposit: u128,
+    },
+    /// The payer requested a withdrawal: the channel takes no new credit.
+    WithdrawRequested,
+    /// The channel was withdrawn or closed cooperatively: nothing more can be claimed.
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +195,29 @@ enum Phase {
     Closed,
 }
 
+/// The voucher in flight (at most one).
+#[derive(Debug)]
+enum InFlight {
+    /// Its signature is being checked.
+    Verifying(SignedState),
+    /// It is being stored.
+    Storing(VerifiedState),
+}
+
+/// What a new session on a channel starts from.
+#[derive(Debug, Clone)]
+pub struct Opening {
+    /// The channel as the chain holds it.
+    pub info: ChannelInfo,
+    /// What the store holds for it.
+    pub stored: Option<StoredChannel>,
+    /// Consumption of an earlier session on the channel that the store may not have yet (a
+    /// parked session this one takes over, or a write still being retried).
+    pub carried: Option<Exact>,
+    /// The `open` voucher, its signature already checked against the channel's payer.
+    pub voucher: VerifiedState,
+}
+
 /// One session on one channel.
 #[derive(Debug)]
 pub struct Session {
@@ -114,8 +226,7 @@ pub struct Session {
     channel: OpenChannel,
     meter: Meter,
     phase: Phase,
-    /// The voucher being stored.
-    pending: Option<SignedState>,
+    in_flight: Option<InFlight>,
     seq: u64,
     /// A `paused` message went out and no `resumed` since.
     paused_sent: bool,
@@ -125,9 +236,15 @@ pub struct Session {
     asked_at: Nanos,
     next_usage: Nanos,
     recent_vouchers: VecDeque<Nanos>,
-    persisted_consumed: u128,
+    /// The consumption last handed to [`Effect::PersistConsumed`].
+    persisted_consumed: Exact,
     /// The current resume token (rotated on every resume).
     resume_token: String,
+    requests: Requests,
+    /// What [`Effect::Account`] reported so far: consumed, and queued for settlement.
+    counted: (u128, u128),
+    /// The chain showed the channel closing while the session was parked.
+    closing: Option<&'static str>,
 }
 
 /// `error` with the channel's accepted state, so the client can re-sync.
@@ -145,7 +262,20 @@ fn error(
     })
 }
 
-fn parse_voucher(msg: &SignedStateMsg) -> Result<SignedState, ChannelError> {
+/// The accepted state of `channel` and the consumption, with the payer's signature over the
+/// state when there is one (so a client can check it signed it).
+fn error_data(channel: &OpenChannel, consumed: u128) -> ErrorData {
+    let a = channel.accepted();
+    ErrorData {
+        nonce: a.nonce,
+        cumulative: a.cumulative,
+        consumed,
+        signature: a.signature.map(|s| signature::to_bytes(&s).to_vec().into()),
+    }
+}
+
+/// A wire voucher's fields and parsed signature.
+pub fn parse_voucher(msg: &SignedStateMsg) -> Result<SignedState, ChannelError> {
     let signature = signature::parse_signature(&msg.signature)?;
     Ok(SignedState {
         state: ChannelState {
@@ -157,82 +287,123 @@ fn parse_voucher(msg: &SignedStateMsg) -> Result<SignedState, ChannelError> {
     })
 }
 
+fn stored_voucher(voucher: &SignedState) -> StoredVoucher {
+    StoredVoucher {
+        nonce: voucher.state.nonce,
+        cumulative: voucher.state.cumulative,
+        signature: voucher.signature,
+    }
+}
+
+/// The error and close 4402 for a channel this server cannot take credit on.
+fn refuse_channel(code: &str, message: String) -> Vec<Effect> {
+    vec![
+        error(code, message, false, None),
+        Effect::Close(CloseCode::PaymentRequired, code.into()),
+    ]
+}
+
 impl Session {
-    /// Starts a session from an `open`, given the chain's view of the channel and what the store
-    /// holds. On success the session is `Opening` and the effects persist the voucher (or, when
-    /// the `open` repeats the stored voucher, the session is open at once). On failure the
-    /// effects answer the client; no session exists.
-    #[allow(clippy::too_many_arguments)]
+    /// The checks of a channel that need no signature: open on-chain for this server's payee
+    /// and token, not closing, with at least the minimum deposit and withdrawal delay. The
+    /// server runs them before the signature check, so a channel that cannot pay it costs no
+    /// ECDSA; [`Session::open`] runs them again. On failure, the effects refuse it (4402).
+    pub fn precheck(params: &SessionParams, info: &ChannelInfo) -> Result<(), Vec<Effect>> {
+        Self::channel_for(params, info).map(|_| ())
+    }
+
+    fn channel_for(params: &SessionParams, info: &ChannelInfo) -> Result<OpenChannel, Vec<Effect>> {
+        let channel =
+            OpenChannel::open(params.domain, *info, params.payee, params.token).map_err(|e| {
+                let mut effects = vec![error(e.code(), e.to_string(), e.retriable(), None)];
+                if let Some(code) = e.close_code() {
+                    effects.push(Effect::Close(code, e.code().into()));
+                }
+                effects
+            })?;
+        if info.deposit < params.min_deposit {
+            return Err(refuse_channel(
+                "insufficient_deposit",
+                format!(
+                    "deposit {} is below the minimum {}",
+                    info.deposit, params.min_deposit
+                ),
+            ));
+        }
+        if info.withdraw_delay < params.min_withdraw_delay_secs {
+            return Err(refuse_channel(
+                "withdraw_delay_too_short",
+                format!(
+                    "the channel's withdrawDelay is {} s; this server needs at least {} s to claim after a withdrawal request",
+                    info.withdraw_delay, params.min_withdraw_delay_secs
+                ),
+            ));
+        }
+        Ok(channel)
+    }
+
+    /// Starts a session from a checked `open`, given the chain's view of the channel and what
+    /// the store holds. On success the session is `Opening` and the effects persist the
+    /// voucher. On failure the effects answer the client; no session exists.
     pub fn open(
         params: Arc<SessionParams>,
         id: String,
         resume_token: String,
-        info: Option<ChannelInfo>,
-        stored: Option<StoredChannel>,
-        msg: &SignedStateMsg,
-        keys: &mut PayerKeys,
+        opening: Opening,
         now: Nanos,
     ) -> Result<(Self, Vec<Effect>), Vec<Effect>> {
-        let fail = |e: ChannelError| {
-            let mut effects = vec![error(e.code(), e.to_string(), e.retriable(), None)];
-            if let Some(code) = e.close_code() {
-                effects.push(Effect::Close(code, e.code().into()));
-            }
-            effects
-        };
-        let Some(info) = info else {
-            return Err(fail(ChannelError::ChannelNotOpen {
-                channel_id: msg.channel_id,
-                reason: "unknown channel",
-            }));
-        };
-        let mut channel =
-            OpenChannel::open(params.domain, info, params.payee, params.token).map_err(fail)?;
-        if info.deposit < params.min_deposit {
-            return Err(vec![
-                error(
-                    "insufficient_deposit",
+        let info = opening.info;
+        let mut channel = Self::channel_for(&params, &info)?;
+        let mut consumed = Exact::whole(info.claimed);
+        if let Some(stored) = opening.stored {
+            if let Some(amount) = stored.closing {
+                return Err(refuse_channel(
+                    "channel_closing",
                     format!(
-                        "deposit {} is below the minimum {}",
-                        info.deposit, params.min_deposit
+                        "the payee agreed to close this channel at {amount}; open a new channel"
                     ),
-                    false,
-                    None,
-                ),
-                Effect::Close(CloseCode::PaymentRequired, "insufficient_deposit".into()),
-            ]);
-        }
-        let mut consumed = info.claimed;
-        if let Some(stored) = stored {
-            let accepted = AcceptedState {
+                ));
+            }
+            channel = channel.restore_floor(AcceptedState {
                 nonce: stored.voucher.nonce,
                 cumulative: stored.voucher.cumulative,
                 signature: Some(stored.voucher.signature),
-            };
-            // A stored state behind the chain's claimed one is obsolete: the chain wins.
-            if let Ok(restored) = channel.clone().restore(accepted) {
-                channel = restored;
-            }
+            });
             consumed = consumed.max(stored.consumed);
         }
-        let voucher = parse_voucher(msg).map_err(fail)?;
-        let accepted = *channel.accepted();
+        if let Some(carried) = opening.carried {
+            consumed = consumed.max(carried);
+        }
+        if let Err(e) = channel.check_verified(&opening.voucher) {
+            let data = error_data(&channel, consumed.ceil());
+            return Err(vec![error(
+                e.code(),
+                e.to_string(),
+                e.retriable(),
+                Some(data),
+            )]);
+        }
         let meter = Meter::resume_from(
             &params.tariff,
             params.meter,
-            accepted.cumulative,
+            channel.accepted().cumulative,
             consumed,
             now,
         )
         .map_err(|e| vec![error("internal_error", e.to_string(), false, None)])?;
         let next_usage = now.saturating_add(params.usage_interval_ms.saturating_mul(NS_PER_MS));
-        let mut session = Self {
+        let start = meter.consumed();
+        let effect = Effect::Persist {
+            channel_id: info.id,
+            voucher: stored_voucher(opening.voucher.signed()),
+        };
+        let session = Self {
             params,
             id,
             channel,
             meter,
             phase: Phase::Opening,
-            pending: None,
+            in_flight: Some(InFlight::Storing(opening.voucher)),
             seq: 0,
             paused_sent: false,
             voucher_deadline: None,
@@ -241,32 +412,10 @@ impl Session {
             recent_vouchers: VecDeque::new(),
             persisted_consumed: consumed,
             resume_token,
+            requests: Requests::default(),
+            counted: (start, start),
+            closing: None,
         };
-        let repeats_stored = accepted.nonce == voucher.state.nonce
-            && accepted.cumulative == voucher.state.cumulative
-            && accepted.signature == Some(voucher.signature);
-        if repeats_stored {
-            let effects = session.opened(now);
-            return Ok((session, effects));
-        }
-        if let Err(e) = session.channel.check(&voucher, keys) {
-            let data = session.error_data();
-            return Err(vec![error(
-                e.code(),
-                e.to_string(),
-                e.retriable(),
-                Some(data),
-            )]);
-        }
-        let effect = Effect::Persist {
-            channel_id: msg.channel_id,
-            voucher: StoredVoucher {
-                nonce: msg.nonce,
-                cumulative: msg.cumulative,
-                signature: voucher.signature,
-            },
-        };
-        session.pending = Some(voucher);
         Ok((session, vec![effect]))
     }
 
@@ -303,7 +452,7 @@ impl Session {
         self.phase == Phase::Open
     }
 
-    /// Whether the session has ended.
+    /// Whether the session has ended (or its opening failed).
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
     }
@@ -318,23 +467,51 @@ impl Session {
         *self.channel.accepted()
     }
 
-    fn error_data(&self) -> ErrorData {
-        let a = self.channel.accepted();
-        ErrorData {
-            nonce: a.nonce,
-            cumulative: a.cumulative,
-            consumed: self.meter.consumed(),
+    /// The accepted state and the consumption, for an `error`'s `data`.
+    pub fn error_data(&self) -> ErrorData {
+        error_data(&self.channel, self.meter.consumed())
+    }
+
+    /// The signature check of [`Effect::Verify`] finished.
+    pub fn verified(&mut self, result: Result<VerifiedState, ChannelError>) -> Vec<Effect> {
+        let Some(InFlight::Verifying(voucher)) = self.in_flight.take() else {
+            return Vec::new();
+        };
+        let checked = result.and_then(|v| {
+            if v.signed() != &voucher {
+                return Err(ChannelError::InvalidSignature(
+                    signature::SignatureError::Unrecoverable,
+                ));
+            }
+            self.channel.check_verified(&v)?;
+            Ok(v)
+        });
+        match checked {
+            Ok(v) => {
+                let effect = Effect::Persist {
+                    channel_id: self.channel_id(),
+                    voucher: stored_voucher(v.signed()),
+                };
+                self.in_flight = Some(InFlight::Storing(v));
+                vec![effect]
+            }
+            Err(e) => vec![error(
+                e.code(),
+                e.to_string(),
+                e.retriable(),
+                Some(self.error_data()),
+            )],
         }
     }
 
     /// The store answered a [`Effect::Persist`].
     pub fn persisted(&mut self, result: Result<(), StoreError>, now: Nanos) -> Vec<Effect> {
-        let Some(voucher) = self.pending.take() else {
+        let Some(InFlight::Storing(voucher)) = self.in_flight.take() else {
             return Vec::new();
         };
         match result {
             Ok(()) => {
-                self.channel.apply_checked(&voucher);
+                self.channel.apply_checked(voucher.signed());
                 let cumulative = self.channel.accepted().cumulative;
                 // The meter's cumulative only grows; the channel's accepted one is the same.
                 let _ = self.meter.set_cumulative(cumulative, now);
@@ -345,6 +522,11 @@ impl Session {
                 }
                 if self.phase == Phase::Opening {
                     effects.extend(self.opened(now));
+                    if let Some(reason) = self.closing {
+                        // The chain showed the channel closing while it was being opened.
+                        effects.extend(self.end_closing(reason, now));
+                        return effects;
+                    }
                 } else {
                     let a = self.channel.accepted();
                     effects.push(Effect::Send(ServerMessage::VoucherAck {
@@ -360,21 +542,36 @@ impl Session {
                 effects
             }
             Err(e) => {
-                let mut effects = vec![error(
-                    e.code(),
-                    e.to_string(),
-                    true,
-                    Some(self.error_data()),
-                )];
-                if matches!(e, StoreError::Unavailable(_) | StoreError::Corrupt { .. }) {
-                    if self.phase == Phase::Opening {
-                        self.phase = Phase::Closed;
+                // Where the store is ahead (another writer), say where it is: a client re-syncs
+                // its nonce from this (nonces cost nothing; cumulatives it checks itself).
+                let mut data = self.error_data();
+                match e {
+                    StoreError::StaleNonce { stored, .. } => {
+                        data.nonce = data.nonce.max(stored);
+                        data.signature = None;
+                    }
+                    StoreError::CumulativeDecreased { stored, .. } => {
+                        data.cumulative = data.cumulative.max(stored);
+                        data.signature = None;
+                    }
+                    StoreError::Unavailable(_) | StoreError::Corrupt { .. } => {}
+                }
+                let mut effects = vec![error(e.code(), e.to_string(), true, Some(data))];
+                let outage = matches!(e, StoreError::Unavailable(_) | StoreError::Corrupt { .. });
+                if self.phase == Phase::Opening {
+                    // No session without its opening voucher stored: the opening ends with the
+                    // store's code. On an outage the connection closes (1011) so the client
+                    // retries later, possibly elsewhere; otherwise it may open again at once.
+                    self.phase = Phase::Closed;
+                    if outage {
                         effects.push(Effect::Close(
                             CloseCode::Internal,
                             "store_unavailable".into(),
                         ));
-                        return effects;
                     }
+                    return effects;
+                }
+                if outage {
                     self.meter.pause(PauseReason::StoreUnavailable, now);
                     if !self.paused_sent {
                         self.paused_sent = true;
@@ -406,6 +603,7 @@ impl Session {
         self.phase == Phase::Open
             && !self.meter.is_paused(PauseReason::Exhausted)
             && !self.meter.is_paused(PauseReason::StoreUnavailable)
+            && !self.meter.is_paused(PauseReason::Unresponsive)
     }
 
     /// The sequence number the next delivered unit gets.
@@ -415,8 +613,16 @@ impl Session {
 
     /// Tries to deliver one unit of `bytes` bytes: `Ok(seq, effects)` if it is paid for (send
     /// it now, then the effects: a `need_voucher` when credit runs low), or the effects of
-    /// pausing (the unit must wait for a voucher).
+    /// pausing (the unit must wait for a voucher, or for the client to answer its heartbeat).
     pub fn deliver(&mut self, bytes: u64, now: Nanos) -> Result<(u64, Vec<Effect>), Vec<Effect>> {
+        if self.phase == Phase::Open
+            && self.meter.lapsed(now)
+            && !self.meter.is_paused(PauseReason::Unresponsive)
+        {
+            // Time is not charged past the last heartbeat's liveness; nor is anything
+            // delivered, or a client could stream for free by never answering Pings.
+            self.meter.pause(PauseReason::Unresponsive, now);
+        }
         if !self.can_deliver() {
             return Err(self.pause_effects(now));
         }
@@ -439,8 +645,10 @@ impl Session {
             self.paused_sent = true;
             let reason = if self.meter.is_paused(PauseReason::StoreUnavailable) {
                 "store_unavailable"
-            } else {
+            } else if self.meter.is_paused(PauseReason::Exhausted) {
                 "credit_exhausted"
+            } else {
+                "heartbeat_missed"
             };
             effects.push(Effect::Send(ServerMessage::Paused {
                 reason: reason.into(),
@@ -482,7 +690,7 @@ impl Session {
     /// and then waiting for the deadline closed such sessions with 4408.
     fn reask_at(&self) -> Option<Nanos> {
         let deadline = self.voucher_deadline?;
-        if self.pending.is_some() || !self.meter.is_paused(PauseReason::Exhausted) {
+        if self.in_flight.is_some() || !self.meter.is_paused(PauseReason::Exhausted) {
             return None;
         }
         let at = self
@@ -510,9 +718,19 @@ impl Session {
         })]
     }
 
-    /// A heartbeat (Pong) arrived.
-    pub fn pong(&mut self, now: Nanos) {
+    /// A heartbeat (Pong) arrived: the client is alive, its time counts again, and delivery
+    /// paused for a lapsed heartbeat resumes.
+    pub fn pong(&mut self, now: Nanos) -> Vec<Effect> {
         self.meter.heartbeat(now);
+        if !self.meter.is_paused(PauseReason::Unresponsive) {
+            return Vec::new();
+        }
+        self.meter.resume(PauseReason::Unresponsive, now);
+        if self.paused_sent && self.can_deliver() {
+            self.paused_sent = false;
+            return vec![Effect::Send(ServerMessage::Resumed {})];
+        }
+        Vec::new()
     }
 
     /// A measured round trip to the client.
@@ -521,7 +739,7 @@ impl Session {
     }
 
     /// Delivery is blocked on (`true`) or released from (`false`) a slow reader; the client is
-    /// not charged time for the wait. `at` is when the block began or ended.
+    /// not charged for the wait. `at` is when the block began or ended.
     pub fn backpressure(&mut self, blocked: bool, at: Nanos) {
         if blocked {
             self.meter.pause(PauseReason::Backpressure, at);
@@ -530,8 +748,9 @@ impl Session {
         }
     }
 
-    /// Time passes: charges it, pauses at exhaustion, asks for a voucher, sends `usage`, and
-    /// closes with 4408 when a `need_voucher` went unanswered past its deadline.
+    /// Time passes: charges it, pauses at exhaustion, asks (and asks again) for a voucher,
+    /// sends `usage`, and closes with 4408 when a `need_voucher` went unanswered past its
+    /// deadline.
     pub fn tick(&mut self, now: Nanos) -> Vec<Effect> {
         if self.phase != Phase::Open {
             return Vec::new();
@@ -592,7 +811,7 @@ impl Session {
     }
 
     fn persist_consumed(&mut self) -> Option<Effect> {
-        let consumed = self.meter.consumed();
+        let consumed = self.meter.exact_consumed();
         if consumed <= self.persisted_consumed {
             return None;
         }
@@ -604,12 +823,7 @@ impl Session {
     }
 
     /// A message from the client on an open session.
-    pub fn on_message(
-        &mut self,
-        message: ClientMessage,
-        keys: &mut PayerKeys,
-        now: Nanos,
-    ) -> Vec<Effect> {
+    pub fn on_message(&mut self, message: ClientMessage, now: Nanos) -> Vec<Effect> {
         if self.phase != Phase::Open {
             return vec![error(
                 "unexpected_message",
@@ -619,19 +833,8 @@ impl Session {
             )];
         }
         match message {
-            ClientMessage::Voucher(msg) => self.on_voucher(&msg, keys, now),
-            ClientMessage::Request { body } => {
-                let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
-                match self.meter.try_bytes_in(bytes, now) {
-                    Ok(()) => vec![Effect::Request(body)],
-                    Err(e) => vec![error(
-                        "payment_required",
-                        e.to_string(),
-                        true,
-                        Some(self.error_data()),
-                    )],
-                }
-            }
+            ClientMessage::Voucher(msg) => self.on_voucher(&msg, now),
+            ClientMessage::Request { body } => self.on_request(body, now),
             ClientMessage::Close { close_channel } => {
                 self.finish(close_channel, CloseCode::Normal, now, true)
             }
@@ -646,12 +849,98 @@ impl Session {
         }
     }
 
-    fn on_voucher(
-        &mut self,
-        msg: &SignedStateMsg,
-        keys: &mut PayerKeys,
-        now: Nanos,
-    ) -> Vec<Effect> {
+    fn on_request(&mut self, body: serde_json::Value, now: Nanos) -> Vec<Effect> {
+        match self.requests.admit(now, self.params.max_requests_per_sec) {
+            Admission::Admitted => {}
+            Admission::Refused => {
+                return vec![error(
+                    "rate_limited",
+                    format!(
+                        "more than {} requests in a second",
+                        self.params.max_requests_per_sec
+                    ),
+                    true,
+                    None,
+                )];
+            }
+            Admission::Flood => {
+                let mut effects = vec![error(
+                    "rate_limited",
+                    "requests keep coming over the limit",
+                    false,
+                    None,
+                )];
+                effects.extend(self.finish(false, CloseCode::RateLimited, now, false));
+                return effects;
+            }
+        }
+        let mut effects = Vec::new();
+        if self.requests.active() {
+            if !self.params.replace_requests {
+                return vec![error(
+                    "request_in_progress",
+                    "a request is streaming; wait for its end",
+                    true,
+                    None,
+                )];
+            }
+            effects.extend(self.end_request(EndReason::Cancelled, None));
+        }
+        let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
+        match self.meter.try_request(bytes, now) {
+            Ok(()) => {
+                self.requests.start(self.seq);
+                effects.push(Effect::Request(body));
+            }
+            Err(e) => {
+                effects.push(error(
+                    "payment_required",
+                    format!("{e}; the request needs credit for its first unit"),
+                    true,
+                    Some(self.error_data()),
+                ));
+                effects.extend(self.ask_for_voucher(now));
+            }
+        }
+        effects
+    }
+
+    /// The streaming request's end (with the upstream's failure, if that is why): `end`, and
+    /// `error {upstream_failed}` before it when the upstream failed. Cancels the resource when
+    /// the request was cancelled.
+    fn end_request(&mut self, reason: EndReason, failure: Option<String>) -> Vec<Effect> {
+        let Some(last) = self.requests.finish(self.seq) else {
+            return Vec::new();
+        };
+        let mut effects = Vec::new();
+        if reason == EndReason::Cancelled {
+            effects.push(Effect::CancelRequest);
+        }
+        if reason == EndReason::UpstreamFailed {
+            effects.push(error(
+                "upstream_failed",
+                failure.unwrap_or_else(|| "the upstream failed".into()),
+                true,
+                None,
+            ));
+        }
+        effects.push(Effect::Send(ServerMessage::End {
+            seq: last,
+            reason: reason.as_str().into(),
+        }));
+        effects
+    }
+
+    /// The resource finished the streaming request (every unit it produced was delivered):
+    /// `end {seq, reason}`.
+    pub fn request_ended(&mut self, reason: EndReason, failure: Option<String>) -> Vec<Effect> {
+        if self.phase != Phase::Open {
+            return Vec::new();
+        }
+        self.end_request(reason, failure)
+    }
+
+    fn on_voucher(&mut self, msg: &SignedStateMsg, now: Nanos) -> Vec<Effect> {
         let window = 1_000 * NS_PER_MS;
         while self
             .recent_vouchers
@@ -671,67 +960,106 @@ impl Session {
             return effects;
         }
         self.recent_vouchers.push_back(now);
-        if self.pending.is_some() {
+        if self.in_flight.is_some() {
             return vec![error(
                 "voucher_in_flight",
-                "the previous voucher is still being stored",
+                "the previous voucher is still being checked and stored",
                 true,
                 Some(self.error_data()),
             )];
         }
-        let voucher = match parse_voucher(msg) {
-            Ok(v) => v,
-            Err(e) => {
-                return vec![error(
-                    e.code(),
-                    e.to_string(),
-                    true,
-                    Some(self.error_data()),
-                )];
+        let checked = parse_voucher(msg).and_then(|v| {
+            self.channel.check_fields(&v)?;
+            Ok(v)
+        });
+        match checked {
+            Ok(voucher) => {
+                self.in_flight = Some(InFlight::Verifying(voucher.clone()));
+                vec![Effect::Verify {
+                    payer: self.channel.info().payer,
+                    domain: *self.channel.domain(),
+                    voucher,
+                }]
             }
-        };
-        if let Err(e) = self.channel.check(&voucher, keys) {
-            return vec![error(
+            Err(e) => vec![error(
                 e.code(),
                 e.to_string(),
                 e.retriable(),
                 Some(self.error_data()),
-            )];
+            )],
         }
-        self.pending = Some(voucher.clone());
-        vec![Effect::Persist {
-            channel_id: msg.channel_id,
-            voucher: StoredVoucher {
-                nonce: msg.nonce,
-                cumulative: msg.cumulative,
-                signature: voucher.signature,
-            },
-        }]
+    }
+
+    /// The chain says something happened to the channel. A top-up raises the deposit; a
+    /// withdrawal request or a close ends a live session (error `channel_not_open`, the claim
+    /// queued, close 4402): from then on the channel takes no new credit, and after the
+    /// withdrawal nothing delivered could be claimed. A session that is not live (parked)
+    /// only records it, and ends when it is resumed.
+    pub fn chain_update(&mut self, update: ChainUpdate, now: Nanos) -> Vec<Effect> {
+        let reason = match update {
+            ChainUpdate::ToppedUp { deposit } => {
+                self.channel.raise_deposit(deposit);
+                return Vec::new();
+            }
+            ChainUpdate::WithdrawRequested => "the payer requested a withdrawal",
+            ChainUpdate::Closed => "the channel was closed on-chain",
+        };
+        if self.phase != Phase::Open || !self.meter.is_connected() {
+            self.closing = Some(reason);
+            return Vec::new();
+        }
+        self.end_closing(reason, now)
+    }
+
+    fn end_closing(&mut self, reason: &'static str, now: Nanos) -> Vec<Effect> {
+        let mut effects = vec![error(
+            "channel_not_open",
+            format!("{reason}: this channel takes no new credit"),
+            false,
+            Some(self.error_data()),
+        )];
+        effects.extend(self.finish(false, CloseCode::PaymentRequired, now, false));
+        effects
     }
 
     /// The connection dropped without `close`, and the session may be resumed: the clock stops,
-    /// consumption is saved and the claim queued (a later, larger claim replaces it), but the
-    /// session stays open for [`Session::resume`].
+    /// a streaming request is cut (it ends `interrupted` on resume), consumption is saved and
+    /// the claim queued (a later, larger claim replaces it), but the session stays open for
+    /// [`Session::resume`].
     pub fn suspend(&mut self, now: Nanos) -> Vec<Effect> {
         if self.phase != Phase::Open {
             return Vec::new();
         }
         self.meter.disconnect(now);
+        self.requests.interrupt(self.seq);
         let mut effects: Vec<Effect> = self.persist_consumed().into_iter().collect();
         effects.extend(self.final_claim(false));
+        effects.extend(self.account());
         effects
     }
 
     /// The client came back with the session's resume token on a new connection: the session
-    /// goes on with its balance and state, under a new token.
+    /// goes on with its balance and state, under a new token. A request the disconnect cut ends
+    /// `interrupted` (it is not replayed). If the chain showed the channel closing meanwhile,
+    /// the session ends instead.
     pub fn resume(&mut self, resume_token: String, now: Nanos) -> Vec<Effect> {
         if self.phase != Phase::Open {
             return Vec::new();
         }
         self.resume_token = resume_token;
         self.paused_sent = false;
-        self.pending = None;
-        self.opened(now)
+        self.in_flight = None;
+        let mut effects = self.opened(now);
+        if let Some(last) = self.requests.take_interrupted() {
+            effects.push(Effect::Send(ServerMessage::End {
+                seq: last,
+                reason: EndReason::Interrupted.as_str().into(),
+            }));
+        }
+        if let Some(reason) = self.closing {
+            effects.extend(self.end_closing(reason, now));
+        }
+        effects
     }
 
     /// The claim to settle what was consumed, or the cooperative close, if there is one.
@@ -758,8 +1086,25 @@ impl Session {
         }
     }
 
-    /// The client disconnected without `close`: the clock stops, consumption is saved and the
-    /// claim queued (a later claim for more replaces it).
+    /// What was consumed and queued since the last account.
+    fn account(&mut self) -> Option<Effect> {
+        let consumed = self.meter.consumed();
+        let queued = consumed.min(self.channel.accepted().cumulative);
+        let (counted_consumed, counted_queued) = self.counted;
+        let delta = (
+            consumed.saturating_sub(counted_consumed),
+            queued.saturating_sub(counted_queued),
+        );
+        self.counted = (consumed.max(counted_consumed), queued.max(counted_queued));
+        (delta != (0, 0)).then_some(Effect::Account {
+            consumed: delta.0,
+            queued: delta.1,
+        })
+    }
+
+    /// The client disconnected without `close` and the session is not kept for resume: the
+    /// clock stops, consumption is saved and the claim queued (a later claim for more replaces
+    /// it).
     pub fn disconnected(&mut self, now: Nanos) -> Vec<Effect> {
         if self.phase == Phase::Closed {
             return Vec::new();
@@ -767,8 +1112,9 @@ impl Session {
         self.finish(false, CloseCode::Normal, now, false)
     }
 
-    /// Ends the session: stops the meter, saves consumption, queues the final claim (or closes
-    /// the channel), sends the receipt when asked for, and closes the socket with `code`.
+    /// Ends the session: stops the meter, ends a streaming request (`cancelled`), saves
+    /// consumption, queues the final claim (or closes the channel), sends the receipt when asked
+    /// for, and closes the socket with `code`.
     fn finish(
         &mut self,
         close_channel: bool,
@@ -784,11 +1130,13 @@ impl Session {
             effects.push(Effect::Close(code, code_reason(code).into()));
             return effects;
         }
+        effects.extend(self.end_request(EndReason::Cancelled, None));
         let accepted = *self.channel.accepted();
         let info = *self.channel.info();
         let amount = self.meter.consumed().min(accepted.cumulative);
         effects.extend(self.persist_consumed());
         effects.extend(self.final_claim(close_channel));
+        effects.extend(self.account());
         if receipt {
             effects.push(Effect::Send(ServerMessage::Receipt {
                 nonce: accepted.nonce,

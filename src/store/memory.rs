@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use alloy::primitives::B256;
 
 use super::{ChannelStore, PendingClaim, StoreError, StoredChannel, StoredVoucher};
+use crate::meter::Exact;
 
 /// Channel states in memory.
 #[derive(Debug, Default)]
@@ -53,6 +54,12 @@ impl ChannelStore for MemoryStore {
                 got: voucher.nonce,
                 stored: stored.voucher.nonce,
             }),
+            Some(stored) if stored.voucher.cumulative > voucher.cumulative => {
+                Err(StoreError::CumulativeDecreased {
+                    got: voucher.cumulative,
+                    stored: stored.voucher.cumulative,
+                })
+            }
             Some(stored) => {
                 stored.voucher = voucher;
                 Ok(())
@@ -62,7 +69,8 @@ impl ChannelStore for MemoryStore {
                     channel_id,
                     StoredChannel {
                         voucher,
-                        consumed: 0,
+                        consumed: Exact::ZERO,
+                        closing: None,
                     },
                 );
                 Ok(())
@@ -75,10 +83,26 @@ impl ChannelStore for MemoryStore {
         Ok(lock(&self.channels).get(&channel_id).copied())
     }
 
-    async fn save_consumed(&self, channel_id: B256, consumed: u128) -> Result<(), StoreError> {
+    async fn save_consumed(&self, channel_id: B256, consumed: Exact) -> Result<(), StoreError> {
         self.up()?;
         if let Some(stored) = lock(&self.channels).get_mut(&channel_id) {
-            stored.consumed = stored.consumed.max(consumed);
+            // As the Redis script: by the rounded-up value, then exactly under one denominator.
+            let (old, new) = (stored.consumed.ceil(), consumed.ceil());
+            if new > old
+                || (new == old
+                    && stored.consumed.denominator == consumed.denominator
+                    && consumed.numerator > stored.consumed.numerator)
+            {
+                stored.consumed = consumed;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
+        self.up()?;
+        if let Some(stored) = lock(&self.channels).get_mut(&channel_id) {
+            stored.closing.get_or_insert(amount);
         }
         Ok(())
     }

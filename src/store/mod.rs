@@ -3,8 +3,8 @@
 //! logic tests.
 //!
 //! What is stored per channel: the last accepted state (nonce, cumulative, the payer's
-//! signature), the consumption so far (whole base units, rounded up), and the claim queued for
-//! settlement when a session ends.
+//! signature), the consumption so far (exactly, and rounded up), whether the payee consented to
+//! a cooperative close, and the claim queued for settlement when a session ends.
 
 pub mod memory;
 pub mod redis;
@@ -12,6 +12,8 @@ pub mod redis;
 use std::future::Future;
 
 use alloy::primitives::{B256, Signature};
+
+use crate::meter::Exact;
 
 /// The last accepted state of a channel, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +31,12 @@ pub struct StoredVoucher {
 pub struct StoredChannel {
     /// The last accepted voucher.
     pub voucher: StoredVoucher,
-    /// Consumption persisted so far (rounded up).
-    pub consumed: u128,
+    /// Consumption persisted so far, exactly (records written before exact consumption was
+    /// kept hold whole base units).
+    pub consumed: Exact,
+    /// The payee signed `Close` for this amount: the channel takes no new session or voucher,
+    /// whatever happens to the close transaction (the consent never expires on-chain).
+    pub closing: Option<u128>,
 }
 
 /// A claim waiting for the settler: take `amount` under `voucher`.
@@ -56,6 +62,15 @@ pub enum StoreError {
         /// The nonce stored.
         stored: u64,
     },
+    /// The stored cumulative is above the new one (a state signed out of order). Nothing was
+    /// written.
+    #[error("cumulative {got} is below the stored {stored}")]
+    CumulativeDecreased {
+        /// The cumulative offered.
+        got: u128,
+        /// The cumulative stored.
+        stored: u128,
+    },
     /// The store cannot be reached or failed. Nothing may be acknowledged; retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -74,6 +89,7 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::StaleNonce { .. } => "stale_nonce",
+            Self::CumulativeDecreased { .. } => "cumulative_decreased",
             Self::Unavailable(_) | Self::Corrupt { .. } => "store_unavailable",
         }
     }
@@ -82,13 +98,16 @@ impl StoreError {
 /// Where accepted channel states live.
 ///
 /// The contract every implementation keeps:
-/// - `save_voucher` persists iff the new nonce is greater than the stored one (compare-and-set
-///   on the nonce); it is durable (as the backend is configured to be) before it returns, and
-///   the caller acknowledges the client only after it resolves. A refused write changes nothing.
-/// - `save_consumed` only ever raises the stored consumption.
+/// - `save_voucher` persists iff the new nonce is greater than the stored one and the new
+///   cumulative is not below the stored one (compare-and-set); it is durable (as the backend is
+///   configured to be) before it returns, and the caller acknowledges the client only after it
+///   resolves. A refused write changes nothing.
+/// - `save_consumed` only ever raises the stored consumption (compared by its rounded-up
+///   value; at an equal one, the exact value under the same denominator).
 /// - `queue_claim` replaces any claim queued for the same channel by the larger amount.
+/// - `mark_closing` records the payee's consent to close once; it is never cleared.
 pub trait ChannelStore: Send + Sync + 'static {
-    /// Persists a newly accepted voucher (compare-and-set on the nonce).
+    /// Persists a newly accepted voucher (compare-and-set on the nonce and the cumulative).
     fn save_voucher(
         &self,
         channel_id: B256,
@@ -105,7 +124,15 @@ pub trait ChannelStore: Send + Sync + 'static {
     fn save_consumed(
         &self,
         channel_id: B256,
-        consumed: u128,
+        consumed: Exact,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records that the payee is about to sign `Close(channel, amount)`: from then on the
+    /// channel takes no new session or voucher. Must be durable before the signature exists.
+    fn mark_closing(
+        &self,
+        channel_id: B256,
+        amount: u128,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Queues a claim for the settler.

@@ -2,8 +2,10 @@
 //!
 //! Layout (prefix `ps:` by default; see docs/STORE.md):
 //! - `ps:ch:{channelId}`: hash `n` nonce (20-digit zero-padded decimal), `c` cumulative
-//!   (39-digit), `s` signature (0x-hex, 65 bytes), `u` consumed (39-digit). Zero-padding makes
-//!   Lua's string comparison the numeric one, beyond the 2^53 a Lua number holds exactly.
+//!   (39-digit), `s` signature (0x-hex, 65 bytes), `u` consumed rounded up (39-digit), `x` and
+//!   `d` the exact consumption `x / d` (78-digit numerator, decimal denominator), `k` the amount
+//!   of a `Close` the payee consented to (39-digit). Zero-padding makes Lua's string comparison
+//!   the numeric one, beyond the 2^53 a Lua number holds exactly.
 //! - `ps:claims`: hash `{channelId}` -> `amount(39)|nonce|cumulative|signature`, the claims
 //!   queued for the settler.
 //!
@@ -14,12 +16,13 @@
 use std::time::Duration;
 
 use alloy::hex;
-use alloy::primitives::{B256, Signature};
+use alloy::primitives::{B256, Signature, U256};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::{ChannelStore, PendingClaim, StoreError, StoredChannel, StoredVoucher};
 use crate::channel::signature;
+use crate::meter::Exact;
 
 /// Key prefix unless configured otherwise.
 pub const DEFAULT_REDIS_PREFIX: &str = "ps:";
@@ -27,16 +30,24 @@ pub const DEFAULT_REDIS_PREFIX: &str = "ps:";
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2_000;
 
 const SAVE_VOUCHER: &str = r#"
-local cur = redis.call('HGET', KEYS[1], 'n')
-if cur and cur >= ARGV[1] then return {0, cur} end
+local cur = redis.call('HMGET', KEYS[1], 'n', 'c')
+if cur[1] and cur[1] >= ARGV[1] then return {0, cur[1], cur[2]} end
+if cur[2] and cur[2] > ARGV[2] then return {2, cur[1], cur[2]} end
 redis.call('HSET', KEYS[1], 'n', ARGV[1], 'c', ARGV[2], 's', ARGV[3])
-return {1, ARGV[1]}
+return {1, ARGV[1], ARGV[2]}
 "#;
 
 const SAVE_CONSUMED: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = redis.call('HGET', KEYS[1], 'u')
-if (not cur) or cur < ARGV[1] then redis.call('HSET', KEYS[1], 'u', ARGV[1]) end
+local cur = redis.call('HMGET', KEYS[1], 'u', 'x', 'd')
+local raise = (not cur[1]) or cur[1] < ARGV[1]
+  or (cur[1] == ARGV[1] and ((not cur[2]) or (cur[3] == ARGV[3] and cur[2] < ARGV[2])))
+if raise then redis.call('HSET', KEYS[1], 'u', ARGV[1], 'x', ARGV[2], 'd', ARGV[3]) end
+return 1
+"#;
+
+const MARK_CLOSING: &str = r#"
+redis.call('HSETNX', KEYS[1], 'k', ARGV[1])
 return 1
 "#;
 
@@ -56,6 +67,7 @@ pub struct RedisStore {
     save_voucher: Script,
     save_consumed: Script,
     queue_claim: Script,
+    mark_closing: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -78,6 +90,11 @@ fn pad_u128(v: u128) -> String {
     format!("{v:039}")
 }
 
+/// A 256-bit numerator, zero-padded to 78 digits (2^256 has 78).
+fn pad_u256(v: U256) -> String {
+    format!("{v:0>78}")
+}
+
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`), reconnecting on its own after an outage.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
@@ -98,6 +115,7 @@ impl RedisStore {
             save_voucher: Script::new(SAVE_VOUCHER),
             save_consumed: Script::new(SAVE_CONSUMED),
             queue_claim: Script::new(QUEUE_CLAIM),
+            mark_closing: Script::new(MARK_CLOSING),
         })
     }
 
@@ -142,7 +160,7 @@ impl ChannelStore for RedisStore {
         voucher: StoredVoucher,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let (saved, stored): (i64, String) = self
+        let (saved, nonce, cumulative): (i64, String, String) = self
             .save_voucher
             .key(self.channel_key(channel_id))
             .arg(pad_u64(voucher.nonce))
@@ -153,13 +171,16 @@ impl ChannelStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if saved == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::StaleNonce {
+        match saved {
+            1 => Ok(()),
+            0 => Err(StoreError::StaleNonce {
                 got: voucher.nonce,
-                stored: stored.parse().unwrap_or(u64::MAX),
-            })
+                stored: nonce.parse().unwrap_or(u64::MAX),
+            }),
+            _ => Err(StoreError::CumulativeDecreased {
+                got: voucher.cumulative,
+                stored: cumulative.parse().unwrap_or(u128::MAX),
+            }),
         }
     }
 
@@ -168,32 +189,62 @@ impl ChannelStore for RedisStore {
         let mut conn = self.conn.clone();
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(&key)
-            .arg("n")
-            .arg("c")
-            .arg("s")
-            .arg("u")
+            .arg(&["n", "c", "s", "u", "x", "d", "k"][..])
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let [n, c, s, u] =
-            <[Option<String>; 4]>::try_from(fields).map_err(|_| corrupt(&key, "HMGET arity"))?;
+        let [n, c, s, u, x, d, k] =
+            <[Option<String>; 7]>::try_from(fields).map_err(|_| corrupt(&key, "HMGET arity"))?;
         let (Some(n), Some(c), Some(s)) = (n, c, s) else {
             return Ok(None);
         };
         let voucher = parse_voucher(&key, &n, &c, &s)?;
-        let consumed = u
-            .map(|u| u.parse().map_err(|_| corrupt(&key, "consumed")))
-            .transpose()?
-            .unwrap_or(0);
-        Ok(Some(StoredChannel { voucher, consumed }))
+        let parse_u128 = |field: &'static str, text: Option<String>| {
+            text.map(|t| t.parse::<u128>().map_err(|_| corrupt(&key, field)))
+                .transpose()
+        };
+        let whole = parse_u128("consumed", u)?.unwrap_or(0);
+        let consumed = match (x, d) {
+            (Some(x), Some(d)) => {
+                let numerator: U256 = x.parse().map_err(|_| corrupt(&key, "exact consumed"))?;
+                let denominator: U256 = d.parse().map_err(|_| corrupt(&key, "denominator"))?;
+                if denominator.is_zero() {
+                    return Err(corrupt(&key, "zero denominator"));
+                }
+                Exact {
+                    numerator,
+                    denominator,
+                }
+            }
+            _ => Exact::whole(whole),
+        };
+        Ok(Some(StoredChannel {
+            voucher,
+            consumed,
+            closing: parse_u128("closing", k)?,
+        }))
     }
 
-    async fn save_consumed(&self, channel_id: B256, consumed: u128) -> Result<(), StoreError> {
+    async fn save_consumed(&self, channel_id: B256, consumed: Exact) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = self
             .save_consumed
             .key(self.channel_key(channel_id))
-            .arg(pad_u128(consumed))
+            .arg(pad_u128(consumed.ceil()))
+            .arg(pad_u256(consumed.numerator))
+            .arg(consumed.denominator.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .mark_closing
+            .key(self.channel_key(channel_id))
+            .arg(pad_u128(amount))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;

@@ -11,7 +11,7 @@ use k256::ecdsa::SigningKey;
 use paystream::chain::rpc::RpcBackend;
 use paystream::chain::{Backend, ChannelChain, Channels};
 use paystream::channel::{ChannelDomain, ChannelState, signature};
-use paystream::meter::{MeterConfig, Tariff};
+use paystream::meter::Tariff;
 use paystream::protocol::{
     ClientMessage, ServerMessage, SignedStateMsg, decode_server, encode_client,
 };
@@ -89,18 +89,13 @@ impl Stack {
         let chain_id = payee_backend.chain_id();
         let chain = Channels::at(payee_backend, contract);
         let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
-        let mut params = SessionParams {
-            domain: ChannelDomain::new(chain_id, contract),
-            payee: payee(),
-            token: Address::ZERO,
-            tariff: options.tariff,
-            meter: MeterConfig::with_credit_window(1_000),
-            min_deposit: 0,
-            heartbeat_ms: 5_000,
-            usage_interval_ms: 2_000,
-            voucher_deadline_ms: 30_000,
-            max_vouchers_per_sec: 20,
-        };
+        let mut params = SessionParams::new(
+            ChannelDomain::new(chain_id, contract),
+            payee(),
+            Address::ZERO,
+            options.tariff,
+            1_000,
+        );
         (options.params)(&mut params);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -312,6 +307,31 @@ impl Client {
         seen.pop().unwrap()
     }
 
+    /// Reads until the server closes or `limit` passes, returning everything read and the close
+    /// code (`None` if the server did not close in time).
+    pub async fn drain_for(&mut self, limit: Duration) -> (Vec<ServerMessage>, Option<u16>) {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(next) => next,
+                Err(_) => return (seen, None),
+            };
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    seen.push(decode_server(&text).expect("valid server message"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    self.close_code = frame.map(|f| u16::from(f.code));
+                    let _ = self.ws.flush().await;
+                    return (seen, self.close_code);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (seen, self.close_code),
+            }
+        }
+    }
+
     /// Reads until the server closes, returning everything read and the close code.
     pub async fn drain(&mut self) -> (Vec<ServerMessage>, Option<u16>) {
         let mut seen = Vec::new();
@@ -319,5 +339,44 @@ impl Client {
             seen.push(m);
         }
         (seen, self.close_code)
+    }
+}
+
+/// The body of a plain HTTP/1.1 GET to the server (`path` like `/metrics`).
+pub async fn http_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+pub async fn metric(stack: &Stack, name: &str) -> Option<u64> {
+    let text = http_get(&stack.url, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (up to 10 s, checking every 20 ms) until a metric reads `value`: the server's own
+/// account of an event the test cannot see on its sockets (a dropped connection parked).
+pub async fn wait_for_metric(stack: &Stack, name: &str, value: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(stack, name).await;
+        if now == Some(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {now:?}, waited for {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
