@@ -128,9 +128,16 @@ impl Backend for RpcBackend {
         })
     }
 
+    /// Calls run against the latest mined block, not the node's pending state (alloy's
+    /// default): a channel is what the chain has committed, not what a transaction in one
+    /// node's mempool may make of it.
     async fn call(&self, to: Address, input: Bytes) -> Result<Bytes> {
         let request = TransactionRequest::default().with_to(to).with_input(input);
-        self.provider.call(request).await.map_err(rpc_error)
+        self.provider
+            .call(request)
+            .latest()
+            .await
+            .map_err(rpc_error)
     }
 
     async fn block_number(&self) -> Result<u64> {

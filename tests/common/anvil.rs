@@ -88,6 +88,32 @@ impl Anvil {
     }
 }
 
+impl Anvil {
+    /// Calls a JSON-RPC method of anvil (`evm_increaseTime`, `evm_mine`, `evm_setAutomine`).
+    pub async fn rpc(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let response: serde_json::Value = reqwest::Client::new()
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(response.get("error").is_none(), "{method}: {response}");
+        response["result"].clone()
+    }
+
+    /// Moves the chain's time forward by `secs` and mines a block at the new time.
+    pub async fn increase_time(&self, secs: u64) {
+        self.rpc("evm_increaseTime", serde_json::json!([secs]))
+            .await;
+        self.rpc("evm_mine", serde_json::json!([])).await;
+    }
+}
+
 impl Drop for Anvil {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -81,6 +81,25 @@ impl Redis {
         }
     }
 
+    /// Makes Redis refuse every write (`maxmemory` 1 byte, no eviction: writes and scripts
+    /// fail with OOM, reads work), or take them again: a store that is up but refuses.
+    pub fn refuse_writes(&self, refuse: bool) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction")
+            .query(&mut conn)
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(if refuse { "1" } else { "0" })
+            .query(&mut conn)
+            .unwrap();
+    }
+
     /// Stops the server now (to test an outage).
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -53,6 +53,8 @@ pub struct Options {
     pub tokens_per_sec: u32,
     /// Served as `/ws/tokens` instead of the token generator.
     pub resource: Option<Arc<dyn Resource>>,
+    /// How long the server's chain backend waits for a transaction to be mined.
+    pub tx_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -63,6 +65,7 @@ impl Options {
             limits: Box::new(|_| {}),
             tokens_per_sec: 0,
             resource: None,
+            tx_timeout: None,
         }
     }
 }
@@ -83,9 +86,12 @@ impl Stack {
             .await
             .unwrap();
         let contract = Channels::deploy(deployer).await.unwrap().address();
-        let payee_backend = RpcBackend::connect(&anvil.url, dev_signer(2))
+        let mut payee_backend = RpcBackend::connect(&anvil.url, dev_signer(2))
             .await
             .unwrap();
+        if let Some(timeout) = options.tx_timeout {
+            payee_backend = payee_backend.with_tx_timeout(timeout);
+        }
         let chain_id = payee_backend.chain_id();
         let chain = Channels::at(payee_backend, contract);
         let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
@@ -149,6 +155,11 @@ impl Stack {
 
     pub async fn client(&self, channel: B256) -> Client {
         Client::connect(&self.url, self.domain(), channel).await
+    }
+
+    /// A bare WebSocket client (answers no Ping by itself).
+    pub async fn raw(&self) -> super::raw::Raw {
+        super::raw::Raw::connect(&self.url).await
     }
 
     /// Stops the server gracefully and waits for it.
