@@ -230,3 +230,196 @@ async fn a_refused_opening_write_ends_the_opening() {
         "{reply:?}"
     );
 }
+
+/// Item 3: time stopped when a client's liveness lapsed, but delivery did not, so a client that
+/// never answered Pings streamed on a per-second tariff for free (600 s cost 10 base units).
+/// Delivery now pauses with the clock (`paused {heartbeat_missed}`) and resumes on the next Pong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_answers_no_ping_gets_no_delivery() {
+    let mut options = Options::new(r#"{"perSecond":{"amount":"1","per":"1"}}"#);
+    options.tokens_per_sec = 50;
+    options.params = Box::new(|p| {
+        p.heartbeat_ms = 200;
+        p.meter.liveness_ns = 400_000_000;
+        p.usage_interval_ms = 250;
+    });
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut raw = stack.raw().await;
+    let open = stack.client(id).await.voucher(1, 500);
+    raw.send(&ClientMessage::Open(open)).await;
+    raw.recv_until(|m| matches!(m, ServerMessage::Session { .. }))
+        .await;
+    raw.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 1000 }),
+    })
+    .await;
+    let seen = raw
+        .recv_until(
+            |m| matches!(m, ServerMessage::Paused { reason } if reason == "heartbeat_missed"),
+        )
+        .await;
+    let before = seen
+        .iter()
+        .filter(|m| matches!(m, ServerMessage::App { .. }))
+        .count();
+    assert!(before <= 30, "{before} tokens in the 0.4 s of liveness");
+    // Two usage messages later (half a second), still nothing delivered, no time charged.
+    let mut charged = Vec::new();
+    while charged.len() < 2 {
+        match raw.recv().await.expect("still open") {
+            ServerMessage::Usage { elapsed_ns, .. } => charged.push(elapsed_ns),
+            ServerMessage::App { .. } => panic!("delivered while the heartbeat was missed"),
+            _ => {}
+        }
+    }
+    assert_eq!(charged[0], charged[1], "the clock is stopped");
+    assert!(charged[1] <= 500_000_000, "charged {} ns", charged[1]);
+    // A Pong: delivery and the clock go on.
+    raw.pong().await;
+    raw.recv_until(|m| matches!(m, ServerMessage::Resumed {}))
+        .await;
+    raw.recv_until(|m| matches!(m, ServerMessage::App { .. }))
+        .await;
+}
+
+/// Item 3, second half: once liveness lapsed, a per-second session's clock stalled, but the
+/// instant its credit would run out stayed the deadline of its timer: in the past, so the
+/// connection woke about a thousand times a second. A stopped clock asks for no wake-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_clock_asks_for_no_wake_up() {
+    let mut options = Options::new(r#"{"perSecond":{"amount":"1","per":"1"}}"#);
+    options.params = Box::new(|p| {
+        p.heartbeat_ms = 60_000;
+        p.meter.liveness_ns = 200_000_000;
+        p.usage_interval_ms = 500;
+    });
+    options.limits = Box::new(|l| l.idle_timeout_ms = 60_000);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut raw = stack.raw().await;
+    let open = stack.client(id).await.voucher(1, 1);
+    raw.send(&ClientMessage::Open(open)).await;
+    raw.recv_until(|m| matches!(m, ServerMessage::Session { .. }))
+        .await;
+    // The credit (1 s of time) would run out 1 s in; liveness lapsed at 0.2 s. Count the
+    // wake-ups from 1.5 s to 2.5 s (usage messages every 0.5 s are the clock).
+    let mut usages = 0;
+    let mut at_start = None;
+    while usages < 5 {
+        if let Some(ServerMessage::Usage { .. }) = raw.recv().await {
+            usages += 1;
+            if usages == 3 {
+                at_start = common::stack::metric(&stack, "paystream_wakeups_total").await;
+            }
+        }
+    }
+    let at_end = common::stack::metric(&stack, "paystream_wakeups_total")
+        .await
+        .unwrap();
+    let woke = at_end - at_start.unwrap();
+    assert!(woke <= 10, "{woke} wake-ups in a second of a stopped clock");
+}
+
+/// Item 7: no socket write had a timeout. A client that stopped reading froze its connection:
+/// its timers, a 4409 takeover and shutdown waited on the blocked write, and it kept its
+/// connection slot. Now the write times out, the session is parked, and the client can resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_can_resume() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.send_timeout_ms = 1_000);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000_000).await;
+    let mut c = stack.client(id).await;
+    let ServerMessage::Session { resume_token, .. } = c.open(1, 1_000_000).await else {
+        panic!()
+    };
+    // As fast as the socket takes them, and the client never reads again.
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 500_000 }),
+    })
+    .await;
+    common::stack::wait_for_metric(&stack, "paystream_send_timeouts_total", 1).await;
+    common::stack::wait_for_metric(&stack, "paystream_sessions_active", 0).await;
+    let mut again = stack.client(id).await;
+    again
+        .send(&ClientMessage::Resume {
+            token: resume_token,
+        })
+        .await;
+    let reply = again.recv_until(is_reply).await.pop().unwrap();
+    assert!(
+        matches!(reply, ServerMessage::Session { .. }),
+        "the session was parked: {reply:?}"
+    );
+    drop(c);
+}
+
+/// Item 7: errors to a connection without a session were unbounded. Flooding malformed frames
+/// without ever reading the `error` replies blocked the server's writes, and with its slot taken
+/// `/healthz` stopped answering. Such a connection is now closed after a few errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_frames_from_a_stranger_is_cut_off() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.max_connections = 3);
+    let stack = Stack::start(options).await;
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let mut raw = stack.raw().await;
+        floods.push(tokio::spawn(async move {
+            for _ in 0..20_000 {
+                if !raw.send_text("{not json").await {
+                    break;
+                }
+            }
+            raw
+        }));
+    }
+    let mut closes = Vec::new();
+    for flood in floods {
+        let mut raw = flood.await.unwrap();
+        let mut errors = 0;
+        loop {
+            match raw.recv().await {
+                Some(ServerMessage::Error { .. }) => errors += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        closes.push((errors, raw.close_code));
+    }
+    for (errors, code) in closes {
+        assert_eq!(code, Some(1008));
+        assert!(errors <= 8, "{errors} errors to a stranger");
+    }
+    let health = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::stack::http_get(&stack.url, "/healthz"),
+    )
+    .await
+    .expect("/healthz answers");
+    assert!(health.contains("200 OK"), "{health}");
+}
+
+/// Item 7: connections before authentication are capped per address: sockets that never pay
+/// cannot take every slot. One of them opening a session frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_session_are_capped_per_address() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.max_unauthenticated_per_ip = 3);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(stack.client(id).await);
+    }
+    let url = format!("{}/ws/tokens", stack.url.replacen("http", "ws", 1));
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .is_err(),
+        "a fourth connection without a session is refused"
+    );
+    held[0].open(1, 100).await;
+    assert!(tokio_tungstenite::connect_async(url.as_str()).await.is_ok());
+}

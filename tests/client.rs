@@ -506,9 +506,19 @@ async fn a_lying_server_gets_no_free_window_from_its_session_consumed() {
     reader.abort();
 }
 
-/// A fake OpenAI-compatible upstream: streams `tokens` content deltas as SSE, then `[DONE]`, or
-/// breaks the connection after them when `fail` is set.
-async fn fake_upstream(tokens: usize, fail: bool) -> String {
+/// What a fake upstream does.
+#[derive(Clone, Copy)]
+enum Upstream {
+    /// Streams this many content deltas, then `[DONE]`.
+    Completes(usize),
+    /// Streams this many, then breaks the connection.
+    Crashes(usize),
+    /// Refuses the request with a 500.
+    Refuses,
+}
+
+/// A fake OpenAI-compatible upstream behaving as `mode` says.
+async fn fake_upstream(mode: Upstream) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -516,6 +526,10 @@ async fn fake_upstream(tokens: usize, fail: bool) -> String {
             let (stream, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_req| async move {
+                    let tokens = match mode {
+                        Upstream::Completes(n) | Upstream::Crashes(n) => n,
+                        Upstream::Refuses => 0,
+                    };
                     let mut frames: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..tokens)
                         .map(|i| {
                             let chunk = serde_json::json!({ "choices": [{ "delta": { "content": format!("t{i} ") } }] });
@@ -523,13 +537,18 @@ async fn fake_upstream(tokens: usize, fail: bool) -> String {
                         })
                         .collect();
                     frames.insert(0, Ok(Frame::data(Bytes::from(": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n"))));
-                    if fail {
+                    if let Upstream::Crashes(_) = mode {
                         frames.push(Err(std::io::Error::other("upstream crashed")));
                     } else {
                         frames.push(Ok(Frame::data(Bytes::from("data: [DONE]\n\n"))));
                     }
                     let body = StreamBody::new(futures_util::stream::iter(frames));
+                    let status = match mode {
+                        Upstream::Refuses => 500,
+                        _ => 200,
+                    };
                     let response = hyper::Response::builder()
+                        .status(status)
                         .header("content-type", "text/event-stream")
                         .body(body)
                         .unwrap();
@@ -544,11 +563,19 @@ async fn fake_upstream(tokens: usize, fail: bool) -> String {
     url
 }
 
-async fn pay_upstream(tokens: usize, fail: bool) -> (usize, paystream::client::Receipt) {
-    let upstream = fake_upstream(tokens, fail).await;
+/// What a client saw of a request to an upstream: tokens, the errors' codes, the `end`, and
+/// the receipt after closing.
+struct Upstreamed {
+    tokens: usize,
+    errors: Vec<String>,
+    end: (Option<u64>, String),
+    receipt: paystream::client::Receipt,
+}
+
+async fn pay_upstream(base_url: String) -> Upstreamed {
     let mut options = Options::new(r#"{"perMessage":{"amount":"3","per":"1000"}}"#);
     options.resource = Some(Arc::new(OpenAiUpstream {
-        base_url: upstream,
+        base_url,
         model: "fake".into(),
         api_key: None,
         timeout: Duration::from_secs(10),
@@ -576,35 +603,77 @@ async fn pay_upstream(tokens: usize, fail: bool) -> (usize, paystream::client::R
         .request(serde_json::json!({ "prompt": "hello" }))
         .await
         .unwrap();
-    // Read until the upstream's units stop: the stream is idle, then close.
-    let mut got = 0;
-    loop {
-        match tokio::time::timeout(Duration::from_millis(1500), session.next()).await {
-            Ok(Ok(Some(Event::App { data, .. }))) => {
-                assert_eq!(data["token"], format!("t{got} "));
-                got += 1;
+    // Every way the stream ends is a message: read until `end`.
+    let mut tokens = 0;
+    let mut errors = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(30), session.next())
+            .await
+            .expect("the stream ends with a message")
+        {
+            Ok(Some(Event::App { data, .. })) => {
+                assert_eq!(data["token"], format!("t{tokens} "));
+                tokens += 1;
             }
-            Ok(Ok(Some(_))) => {}
-            Ok(other) => panic!("{other:?}"),
-            Err(_) => break, // nothing more is coming
+            Ok(Some(Event::Error { code, .. })) => errors.push(code),
+            Ok(Some(Event::End { seq, reason })) => break (seq, reason),
+            Ok(Some(_)) => {}
+            other => panic!("{other:?}"),
         }
+    };
+    Upstreamed {
+        tokens,
+        errors,
+        end,
+        receipt: session.close(false).await.unwrap(),
     }
-    (got, session.close(false).await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_upstream_is_charged_per_delivered_token() {
-    let (got, receipt) = pay_upstream(1_000, false).await;
-    assert_eq!(got, 1_000);
-    assert_eq!(receipt.consumed, 3, "1,000 tokens at 0.003 = exactly 3");
+    let got = pay_upstream(fake_upstream(Upstream::Completes(1_000)).await).await;
+    assert_eq!(got.tokens, 1_000);
+    assert_eq!(got.end, (Some(999), "completed".to_string()));
+    assert!(got.errors.is_empty(), "{:?}", got.errors);
+    assert_eq!(got.receipt.consumed, 3, "1,000 tokens at 0.003 = exactly 3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_failing_mid_stream_bills_only_what_was_delivered() {
     // The upstream emits 700 tokens and then breaks the connection; whatever of them reached
-    // the client (the break can lose the last few in transit) is what is billed, exactly.
-    let (got, receipt) = pay_upstream(700, true).await;
-    assert!((600..=700).contains(&got), "{got}");
-    assert_eq!(receipt.consumed, (got as u128 * 3).div_ceil(1000));
-    assert_eq!(receipt.settled, receipt.consumed);
+    // the client (the break can lose the last few in transit) is what is billed, exactly, and
+    // the client is told: `error {upstream_failed}`, `end {upstream_failed}` (it used to hear
+    // nothing, and waited on silence).
+    let got = pay_upstream(fake_upstream(Upstream::Crashes(700)).await).await;
+    assert!((600..=700).contains(&got.tokens), "{}", got.tokens);
+    assert_eq!(got.errors, ["upstream_failed"]);
+    assert_eq!(
+        got.end,
+        (Some(got.tokens as u64 - 1), "upstream_failed".to_string())
+    );
+    assert_eq!(
+        got.receipt.consumed,
+        (got.tokens as u128 * 3).div_ceil(1000)
+    );
+    assert_eq!(got.receipt.settled, got.receipt.consumed);
+}
+
+/// An upstream that refuses the request, or cannot be reached: `upstream_failed` with what
+/// went wrong, an `end` with no unit, and nothing billed for the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_unreachable_upstream_says_so() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    for base_url in [fake_upstream(Upstream::Refuses).await, closed] {
+        let got = pay_upstream(base_url).await;
+        assert_eq!(got.tokens, 0);
+        assert_eq!(got.errors, ["upstream_failed"]);
+        assert_eq!(got.end, (None, "upstream_failed".to_string()));
+        assert_eq!(
+            got.receipt.consumed, 0,
+            "nothing was delivered, nothing is billed"
+        );
+    }
 }
