@@ -182,6 +182,7 @@ pub async fn run() -> anyhow::Result<()> {
                 line = 0;
             }
             Event::Paused(reason) => writeln!(out, "\n   [paused: {reason}]")?,
+            Event::End { .. } => break,
             _ => {}
         }
     }

@@ -121,6 +121,12 @@ pub async fn run(args: PayArgs) -> anyhow::Result<()> {
             Event::Binary(bytes) => eprintln!("[{} binary bytes]", bytes.len()),
             Event::Error { code, message } => eprintln!("\n[server error {code}: {message}]"),
             Event::Paused(reason) => eprintln!("\n[paused: {reason}]"),
+            Event::End { reason, .. } => {
+                if reason != "completed" && reason != "max_tokens" {
+                    eprintln!("\n[the stream ended: {reason}]");
+                }
+                break;
+            }
             _ => {}
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
