@@ -169,6 +169,23 @@ fn all_cores(c: &mut Criterion) {
             })
         })
     });
+    // How the server held the cache before issue 9: one mutex around the cache and the
+    // check, so checks on every core ran one at a time.
+    let locked = std::sync::Mutex::new(warm_cache(&vouchers));
+    group.bench_function(BenchmarkId::new("k256_behind_one_mutex", threads), |b| {
+        b.iter(|| {
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    let (locked, vouchers) = (&locked, &vouchers);
+                    scope.spawn(move || {
+                        vouchers
+                            .iter()
+                            .all(|v| check_cached(&locked.lock().unwrap(), &domain, v))
+                    });
+                }
+            })
+        })
+    });
     group.bench_function(BenchmarkId::new("libsecp256k1_verify", threads), |b| {
         b.iter(|| {
             std::thread::scope(|scope| {

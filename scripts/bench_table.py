@@ -10,7 +10,7 @@ import sys
 TABLES = {
     "signatures": [
         ("channel_state_verify", "libsecp256k1_verify"),
-        ("channel_state_verify_all_cores", None),
+        ("channel_state_verify_all_cores", "k256_behind_one_mutex"),
         ("eip712_digest", None),
     ],
     "meter": [

@@ -154,67 +154,21 @@ async fn terms_over_the_policy_are_refused_before_any_money_moves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_refuses_to_sign_for_a_server_that_overclaims() {
-    // A real contract and channel on anvil; a server that lies about consumption.
+    // A real contract and channel on anvil; a server that lies about consumption: 5 tokens
+    // delivered at 1 each, then it claims 1,000.
     let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
     let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
         .await
         .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    challenge.accepts[0].extra.ws_endpoint =
-        format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
-    let (vouchers_tx, vouchers_rx) = tokio::sync::oneshot::channel::<usize>();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-        let Some(Ok(Message::Text(open))) = ws.next().await else {
-            panic!("no open")
-        };
-        let ClientMessage::Open(open) = decode_client(&open).unwrap() else {
-            panic!("not open")
-        };
-        let send = |m: ServerMessage| Message::Text(encode_server(&m).into());
-        ws.send(send(ServerMessage::Session {
-            session_id: "s".into(),
-            resume_token: "t".into(),
-            channel_id: open.channel_id,
-            nonce: open.nonce,
-            cumulative: open.cumulative,
-            consumed: 0,
-            tariff: Box::new(
-                paystream::meter::Tariff::from_json(r#"{"perMessage":{"amount":"1","per":"1"}}"#)
-                    .unwrap(),
-            ),
-            heartbeat_ms: 5000,
-        }))
-        .await
-        .unwrap();
-        for seq in 0..5 {
-            ws.send(send(ServerMessage::App {
-                seq,
-                data: serde_json::json!({ "token": "x" }),
-            }))
-            .await
-            .unwrap();
-        }
-        // 5 tokens delivered at 1 each; the server claims 1,000.
-        ws.send(send(ServerMessage::NeedVoucher {
-            consumed: 1_000,
-            cumulative: open.cumulative,
-            suggested: 5_000,
-            deadline_ms: 30_000,
-        }))
-        .await
-        .unwrap();
-        let mut vouchers = 0;
-        while let Some(Ok(m)) = ws.next().await {
-            if let Message::Text(t) = m
-                && let Ok(ClientMessage::Voucher(_)) = decode_client(&t)
-            {
-                vouchers += 1;
-            }
-        }
-        let _ = vouchers_tx.send(vouchers);
+    let mut after: Vec<ServerMessage> = (0..5).map(app).collect();
+    after.push(ServerMessage::NeedVoucher {
+        consumed: 1_000,
+        cumulative: 100,
+        suggested: 5_000,
+        deadline_ms: 30_000,
     });
+    let (url, mut signed) = fake_server(session_of(per_unit()), after, vec![]).await;
+    challenge.accepts[0].extra.ws_endpoint = url;
     let client = payer(&stack, policy(stack.chain_id)).await;
     let mut session = client
         .start(&challenge, B256::repeat_byte(3), 1_000)
@@ -241,9 +195,10 @@ async fn the_client_refuses_to_sign_for_a_server_that_overclaims() {
         other => panic!("expected ServerOverclaims, got {other:?}"),
     }
     drop(session);
+    assert_eq!(signed.recv().await, Some((1, 100)), "the open");
     assert_eq!(
-        vouchers_rx.await.unwrap(),
-        0,
+        signed.recv().await,
+        None,
         "nothing was signed for the overclaim"
     );
 }
@@ -252,8 +207,9 @@ async fn the_client_refuses_to_sign_for_a_server_that_overclaims() {
 /// are still in flight), so the client's own count plus its window (2) does not exceed the
 /// credit it already signed (2) and it can only wait. Then it sends tokens at 1/1000 each:
 /// from the first one the client's count allows more credit, and it must answer the ask it
-/// deferred, without being asked again. Before the fix it dropped the ask, and the real server never asked twice: the
-/// demo paused at exhausted credit and ended with 4408 about half the time.
+/// deferred, without being asked again. Before the fix it dropped the ask, and the real server
+/// never asked twice: the demo paused at exhausted credit and ended with 4408 about half the
+/// time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_answers_a_deferred_need_voucher_once_its_count_catches_up() {
     let stack = Stack::start(Options::new(
@@ -263,63 +219,15 @@ async fn the_client_answers_a_deferred_need_voucher_once_its_count_catches_up() 
     let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
         .await
         .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    challenge.accepts[0].extra.ws_endpoint =
-        format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
-    let (voucher_tx, voucher_rx) = tokio::sync::oneshot::channel::<(u64, u128)>();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-        let Some(Ok(Message::Text(open))) = ws.next().await else {
-            panic!("no open")
-        };
-        let ClientMessage::Open(open) = decode_client(&open).unwrap() else {
-            panic!("not open")
-        };
-        assert_eq!(open.cumulative, 2, "the first voucher is one window");
-        let send = |m: ServerMessage| Message::Text(encode_server(&m).into());
-        ws.send(send(ServerMessage::Session {
-            session_id: "s".into(),
-            resume_token: "t".into(),
-            channel_id: open.channel_id,
-            nonce: open.nonce,
-            cumulative: open.cumulative,
-            consumed: 0,
-            tariff: Box::new(
-                paystream::meter::Tariff::from_json(
-                    r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
-                )
-                .unwrap(),
-            ),
-            heartbeat_ms: 5000,
-        }))
-        .await
-        .unwrap();
-        ws.send(send(ServerMessage::NeedVoucher {
-            consumed: 1,
-            cumulative: 2,
-            suggested: 6,
-            deadline_ms: 30_000,
-        }))
-        .await
-        .unwrap();
-        for seq in 0..1_500 {
-            ws.send(send(ServerMessage::App {
-                seq,
-                data: serde_json::json!({ "token": "x" }),
-            }))
-            .await
-            .unwrap();
-        }
-        while let Some(Ok(m)) = ws.next().await {
-            if let Message::Text(t) = m
-                && let Ok(ClientMessage::Voucher(v)) = decode_client(&t)
-            {
-                let _ = voucher_tx.send((v.nonce, v.cumulative));
-                return;
-            }
-        }
-    });
+    let mut after = vec![ServerMessage::NeedVoucher {
+        consumed: 1,
+        cumulative: 2,
+        suggested: 6,
+        deadline_ms: 30_000,
+    }];
+    after.extend((0..1_500).map(app));
+    let (url, mut signed) = fake_server(session_of(per_thousandth()), after, vec![]).await;
+    challenge.accepts[0].extra.ws_endpoint = url;
     let mut policy = policy(stack.chain_id);
     policy.max_credit_window = 2;
     let client = payer(&stack, policy).await;
@@ -327,31 +235,43 @@ async fn the_client_answers_a_deferred_need_voucher_once_its_count_catches_up() 
         .start(&challenge, B256::repeat_byte(4), 1_000)
         .await
         .unwrap();
-    let reader = tokio::spawn(async move {
-        // Read until the fake server hangs up (after it got the voucher).
-        let (mut signed, mut messages) = (None, 0);
-        while let Ok(Some(event)) = session.next().await {
-            if let Event::VoucherSigned { nonce, cumulative } = event
-                && signed.is_none()
-            {
-                signed = Some((nonce, cumulative));
-                messages = session.messages();
-            }
-        }
-        (signed, messages)
-    });
-    let got = tokio::time::timeout(Duration::from_secs(20), voucher_rx)
-        .await
-        .expect("the client answered the deferred ask")
-        .unwrap();
-    // Signed at the first token: its count (0.001, rounded up to 1) plus its window (2).
-    assert_eq!(got, (2, 3));
-    let (signed, messages) = reader.await.unwrap();
-    assert_eq!(signed, Some((2, 3)));
     assert_eq!(
-        messages, 1,
-        "signed as soon as its count allowed more credit"
+        signed.recv().await,
+        Some((1, 2)),
+        "the first voucher is one window"
     );
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = session.next().await {} });
+    let got = tokio::time::timeout(Duration::from_secs(20), signed.recv())
+        .await
+        .expect("the client answered the deferred ask");
+    // Signed at the first token: its count (0.001, rounded up to 1) plus its window (2).
+    assert_eq!(got, Some((2, 3)));
+    reader.abort();
+}
+
+fn app(seq: u64) -> ServerMessage {
+    ServerMessage::App {
+        seq,
+        data: serde_json::json!({ "token": "x" }),
+    }
+}
+
+/// A `session` for [`fake_server`] (which fills in the open's nonce and cumulative).
+fn session_of(tariff: paystream::meter::Tariff) -> ServerMessage {
+    ServerMessage::Session {
+        session_id: "s".into(),
+        resume_token: "t".into(),
+        channel_id: B256::ZERO,
+        nonce: 0,
+        cumulative: 0,
+        consumed: 0,
+        tariff: Box::new(tariff),
+        heartbeat_ms: 5_000,
+    }
+}
+
+fn per_unit() -> paystream::meter::Tariff {
+    paystream::meter::Tariff::from_json(r#"{"perMessage":{"amount":"1","per":"1"}}"#).unwrap()
 }
 
 /// A fake server for `start`: answers the first `open` with `first` (a `session` gets the
@@ -463,16 +383,10 @@ async fn a_lying_server_gets_no_free_window_from_its_session_consumed() {
     let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
         .await
         .unwrap();
-    let session = ServerMessage::Session {
-        session_id: "s".into(),
-        resume_token: "t".into(),
-        channel_id: B256::ZERO,
-        nonce: 0,
-        cumulative: 0,
-        consumed: 2,
-        tariff: Box::new(per_thousandth()),
-        heartbeat_ms: 5_000,
-    };
+    let mut session = session_of(per_thousandth());
+    if let ServerMessage::Session { consumed, .. } = &mut session {
+        *consumed = 2;
+    }
     // Then it asks for more, having delivered nothing, and delivers one token at 1/1000.
     let after = vec![
         ServerMessage::NeedVoucher {
@@ -481,10 +395,7 @@ async fn a_lying_server_gets_no_free_window_from_its_session_consumed() {
             suggested: 10,
             deadline_ms: 30_000,
         },
-        ServerMessage::App {
-            seq: 0,
-            data: serde_json::json!({ "token": "x" }),
-        },
+        app(0),
     ];
     let (url, mut signed) = fake_server(session, after, vec![]).await;
     challenge.accepts[0].extra.ws_endpoint = url;

@@ -5,7 +5,7 @@
 mod common;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
-use common::stack::{Client, Options, Stack, payee, sign_voucher};
+use common::stack::{Client, Options, Stack, http_get, payee, sign_voucher};
 use k256::ecdsa::SigningKey;
 use paystream::protocol::{ClientMessage, ServerMessage};
 use paystream::store::ChannelStore;
@@ -190,21 +190,6 @@ async fn voucher_errors_change_nothing() {
         metrics.contains("paystream_voucher_verification_seconds_count 14"),
         "{metrics}"
     );
-}
-
-/// The body of a plain HTTP/1.1 GET.
-async fn http_get(base: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = base.strip_prefix("http://").unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The malleable twin: s' = n - s, parity flipped.
