@@ -237,8 +237,10 @@ pub struct LimitsSection {
     pub channel_cache_ms: Option<u64>,
     /// Time a frame may wait for the client's socket before the connection closes.
     pub send_timeout_ms: Option<u64>,
-    /// Connections per address before one of them opens a session.
+    /// WebSocket connections per address before one of them opens a session.
     pub max_unauthenticated_per_ip: Option<usize>,
+    /// The header a trusted reverse proxy puts the client's address in (`X-Forwarded-For`).
+    pub client_ip_header: Option<String>,
     /// Errors a connection without a session gets before it is closed.
     pub max_errors_before_open: Option<u32>,
     /// Refused opens per connection (then 4429).
@@ -272,6 +274,7 @@ impl LimitsSection {
             max_unauthenticated_per_ip: self
                 .max_unauthenticated_per_ip
                 .unwrap_or(d.max_unauthenticated_per_ip),
+            client_ip_header: self.client_ip_header.clone().or(d.client_ip_header),
             max_errors_before_open: self
                 .max_errors_before_open
                 .unwrap_or(d.max_errors_before_open),

@@ -423,3 +423,98 @@ async fn connections_without_a_session_are_capped_per_address() {
     held[0].open(1, 100).await;
     assert!(tokio_tungstenite::connect_async(url.as_str()).await.is_ok());
 }
+
+/// Found in review: a session paused because the store refused a voucher stayed paused after
+/// the store came back (nothing checked); it now checks the store every second and resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resumes_when_the_store_takes_writes_again() {
+    let stack = Stack::start(per_token()).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 100).await;
+    stack.redis.refuse_writes(true);
+    let v = c.voucher(2, 200);
+    c.send(&ClientMessage::Voucher(v.clone())).await;
+    c.recv_until(
+        |m| matches!(m, ServerMessage::Paused { reason } if reason == "store_unavailable"),
+    )
+    .await;
+    stack.redis.refuse_writes(false);
+    c.recv_until(|m| matches!(m, ServerMessage::Resumed {}))
+        .await;
+    // The voucher the store refused is sent again, as is, and stored.
+    c.send(&ClientMessage::Voucher(v)).await;
+    c.recv_until(|m| matches!(m, ServerMessage::VoucherAck { nonce: 2, .. }))
+        .await;
+}
+
+/// Found in review: the loop took queued units before its timers, so a resource that kept the
+/// queue full starved the heartbeat, and delivery then paused for a heartbeat the server had
+/// not sent. A fast stream to a client that answers every Ping is never paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_does_not_starve_the_heartbeat() {
+    let mut options = Options::new(r#"{"perMessage":{"amount":"1","per":"1000"}}"#);
+    options.params = Box::new(|p| {
+        p.heartbeat_ms = 100;
+        p.meter.liveness_ns = 250_000_000;
+    });
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000_000).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 1_000_000).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 200_000 }),
+    })
+    .await;
+    let seen = c
+        .recv_until(|m| matches!(m, ServerMessage::End { .. }))
+        .await;
+    let paused: Vec<_> = seen
+        .iter()
+        .filter(|m| matches!(m, ServerMessage::Paused { .. }))
+        .collect();
+    assert!(paused.is_empty(), "{paused:?}");
+}
+
+/// Found in review: the `need_voucher` deadline ran from an early ask, so a healthy session
+/// whose client had not needed to answer yet (its stream ended first) was closed with 4408. An
+/// ask now only ends a session that is waiting for the credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_ask_left_unanswered_does_not_end_an_idle_session() {
+    let mut options = per_token();
+    options.params = Box::new(|p| {
+        p.voucher_deadline_ms = 500;
+        p.usage_interval_ms = 250;
+    });
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 100).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 95 }),
+    })
+    .await;
+    let seen = c
+        .recv_until(|m| matches!(m, ServerMessage::End { .. }))
+        .await;
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, ServerMessage::NeedVoucher { .. })),
+        "asked early, and the client does not answer"
+    );
+    // Well past the deadline (four usage intervals), the session is still there.
+    let mut usages = 0;
+    while usages < 4 {
+        match c.recv().await {
+            Some(ServerMessage::Usage { .. }) => usages += 1,
+            Some(_) => {}
+            None => panic!("closed with {:?}", c.close_code),
+        }
+    }
+    c.send(&ClientMessage::Close {
+        close_channel: false,
+    })
+    .await;
+    c.recv_until(|m| matches!(m, ServerMessage::Receipt { consumed: 95, .. }))
+        .await;
+}

@@ -189,8 +189,8 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
     let of = |f: fn(&ChannelEvent) -> bool| -> Vec<B256> {
         events
             .iter()
-            .filter(|e| f(e))
-            .map(ChannelEvent::channel_id)
+            .filter(|(e, _)| f(e))
+            .map(|(e, _)| e.channel_id())
             .collect()
     };
     Observed {

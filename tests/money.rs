@@ -406,4 +406,63 @@ async fn metrics_count_each_base_unit_once() {
         common::stack::metric(&stack, "paystream_settled_base_units_total").await,
         Some(10)
     );
+    assert_eq!(
+        common::stack::metric(&stack, "paystream_vouchers_accepted_total").await,
+        Some(1),
+        "one voucher: the open (a resume stores none)"
+    );
+}
+
+/// Found in review: a session that used up its deposit was told to top it up, but the top-up
+/// never resumed it (the ask for that cumulative had been spent). The watcher's `ToppedUp`
+/// now raises the deposit and the session asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.watch_interval_ms = 100);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 10).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 10).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 20 }),
+    })
+    .await;
+    // Told to top up when the ask hits the deposit; paused when the credit is used up.
+    let mut seen = c
+        .recv_until(|m| code_of(m) == Some("exceeds_deposit"))
+        .await;
+    seen.extend(
+        c.recv_until(|m| matches!(m, ServerMessage::Paused { .. }))
+            .await,
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|m| matches!(m, ServerMessage::App { .. }))
+            .count(),
+        10
+    );
+    stack
+        .payer
+        .top_up(id, alloy::primitives::Address::ZERO, 100)
+        .await
+        .unwrap();
+    let seen = c
+        .recv_until(|m| matches!(m, ServerMessage::NeedVoucher { .. }))
+        .await;
+    let Some(ServerMessage::NeedVoucher { suggested, .. }) = seen.last() else {
+        unreachable!()
+    };
+    assert!(*suggested > 10 && *suggested <= 110, "{suggested}");
+    let v = c.voucher(2, 30);
+    c.send(&ClientMessage::Voucher(v)).await;
+    let (seq, reason) = match c
+        .recv_until(|m| matches!(m, ServerMessage::End { .. }))
+        .await
+        .pop()
+    {
+        Some(ServerMessage::End { seq, reason }) => (seq, reason),
+        _ => unreachable!(),
+    };
+    assert_eq!((seq, reason.as_str()), (Some(19), "max_tokens"));
 }

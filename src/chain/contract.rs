@@ -265,7 +265,7 @@ impl<B: Backend> ChannelChain for Channels<B> {
         self.backend.block_number().await
     }
 
-    async fn channel_events(&self, from: u64, to: u64) -> Result<Vec<ChannelEvent>> {
+    async fn channel_events(&self, from: u64, to: u64) -> Result<Vec<(ChannelEvent, u64)>> {
         let topics = [
             pc::ToppedUp::SIGNATURE_HASH,
             pc::WithdrawRequested::SIGNATURE_HASH,
@@ -279,7 +279,7 @@ impl<B: Backend> ChannelChain for Channels<B> {
             .filter(|l| l.log.address == self.address)
             .filter_map(|l| {
                 let topic = *l.log.topics().first()?;
-                Some(if topic == pc::ToppedUp::SIGNATURE_HASH {
+                let event = if topic == pc::ToppedUp::SIGNATURE_HASH {
                     let e = pc::ToppedUp::decode_log(&l.log).ok()?;
                     ChannelEvent::ToppedUp {
                         channel_id: e.channelId,
@@ -302,7 +302,8 @@ impl<B: Backend> ChannelChain for Channels<B> {
                     ChannelEvent::Closed {
                         channel_id: e.channelId,
                     }
-                })
+                };
+                Some((event, l.block))
             })
             .collect())
     }

@@ -231,12 +231,12 @@ pub trait ChannelChain: Send + Sync + 'static {
     /// The latest block number.
     fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
     /// What happened to channels in blocks `from..=to`: top-ups, withdrawal requests,
-    /// withdrawals and cooperative closes, in chain order.
+    /// withdrawals and cooperative closes, in chain order, each with its block.
     fn channel_events(
         &self,
         from: u64,
         to: u64,
-    ) -> impl Future<Output = Result<Vec<ChannelEvent>>> + Send;
+    ) -> impl Future<Output = Result<Vec<(ChannelEvent, u64)>>> + Send;
 }
 
 /// A change to a channel, from the contract's events.

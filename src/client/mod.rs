@@ -278,6 +278,7 @@ impl<B: Backend> Payer<B> {
             session_id: None,
             resume_token: None,
             ask: None,
+            unacked: None,
             queued: VecDeque::new(),
         };
         session.open().await?;
@@ -326,6 +327,9 @@ pub struct PaySession {
     resume_token: Option<String>,
     /// The `suggested` of a `need_voucher` not answered yet.
     ask: Option<u128>,
+    /// The last voucher sent and not acknowledged yet, and whether the server said it could
+    /// not store it.
+    unacked: Option<(SignedStateMsg, bool)>,
     /// Events to hand out before reading more (a voucher signed on the way to another event).
     queued: VecDeque<Event>,
 }
@@ -455,7 +459,11 @@ impl PaySession {
     /// nothing), and about the cumulative only with this client's own signature over it.
     async fn open(&mut self) -> Result<(), ClientError> {
         for _ in 0..3 {
-            let nonce = self.nonce + 1;
+            let nonce = self.nonce.checked_add(1).ok_or_else(|| {
+                ClientError::Connection(
+                    "the channel's nonce is exhausted; open another channel".into(),
+                )
+            })?;
             let cumulative = self
                 .claimed
                 .saturating_add(self.window)
@@ -631,9 +639,14 @@ impl PaySession {
                 self.ask = Some(suggested);
                 None
             }
-            ServerMessage::VoucherAck { consumed, .. } => {
+            ServerMessage::VoucherAck {
+                nonce, consumed, ..
+            } => {
                 self.check_claim(consumed)?;
                 self.consumed = consumed;
+                if self.unacked.as_ref().is_some_and(|(v, _)| v.nonce <= nonce) {
+                    self.unacked = None;
+                }
                 None
             }
             ServerMessage::Usage {
@@ -650,7 +663,15 @@ impl PaySession {
             }
             ServerMessage::Paused { reason } => Some(Event::Paused(reason)),
             ServerMessage::Resumed {} => Some(Event::Resumed),
-            ServerMessage::Error { code, message, .. } => Some(Event::Error { code, message }),
+            ServerMessage::Error { code, message, .. } => {
+                if code == "store_unavailable"
+                    && let Some((_, refused)) = &mut self.unacked
+                {
+                    // Not stored: sent again when the server next asks for credit.
+                    *refused = true;
+                }
+                Some(Event::Error { code, message })
+            }
             ServerMessage::End { seq, reason } => Some(Event::End { seq, reason }),
             ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => None,
         })
@@ -662,15 +683,27 @@ impl PaySession {
         let Some(suggested) = self.ask else {
             return Ok(None);
         };
+        // The server asks while it still lacks the last voucher: the store refused it (an
+        // outage). The same signed state is sent again, nothing new is signed.
+        if let Some((voucher, refused @ true)) = &mut self.unacked {
+            *refused = false;
+            let again = ClientMessage::Voucher(voucher.clone());
+            self.ask = None;
+            self.send_json(&again).await?;
+            return Ok(None);
+        }
         let target = suggested
             .min(self.received_worth().saturating_add(self.window))
             .min(self.deposit);
         if target <= self.cumulative {
             return Ok(None);
         }
-        let nonce = self.nonce + 1;
+        let nonce = self.nonce.checked_add(1).ok_or_else(|| {
+            ClientError::Connection("the channel's nonce is exhausted; open another channel".into())
+        })?;
         let v = self.voucher(nonce, target);
-        self.send_json(&ClientMessage::Voucher(v)).await?;
+        self.send_json(&ClientMessage::Voucher(v.clone())).await?;
+        self.unacked = Some((v, false));
         self.ask = None;
         self.nonce = nonce;
         self.cumulative = target;
@@ -679,6 +712,11 @@ impl PaySession {
             nonce,
             cumulative: target,
         }))
+    }
+
+    /// The channel's deposit grew (the caller topped it up): vouchers may authorize up to it.
+    pub fn topped_up(&mut self, deposit: u128) {
+        self.deposit = self.deposit.max(deposit);
     }
 
     /// Ends the session (closing the channel cooperatively when asked) and checks the receipt

@@ -412,6 +412,24 @@ impl Meter {
         Ok(())
     }
 
+    /// Forgets that `need_voucher` was asked for the current cumulative, so the next check may
+    /// ask again (an ask that lapsed, or a deposit that grew).
+    pub fn reset_ask(&mut self) {
+        self.asked_at = None;
+        self.recheck_at = 0;
+        self.skip_while_room_above = U256::MAX;
+    }
+
+    /// Raises the consumption to `consumed` (carried over from a session this one takes over),
+    /// within the accepted cumulative; never lowers it.
+    pub fn raise_consumed(&mut self, consumed: Exact) {
+        let scaled = consumed.scaled_to(self.rates.denominator).min(self.limit);
+        if scaled > self.scaled {
+            self.window_start.1 += scaled - self.scaled;
+            self.scaled = scaled;
+        }
+    }
+
     /// Sets the measured round trip to the client.
     pub fn set_rtt(&mut self, rtt_ns: u64) {
         self.config.rtt_ns = rtt_ns;

@@ -141,7 +141,9 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
             _ = kicked(&mut conn.kick) => conn.superseded().await,
             view = changed(&mut conn.updates) => conn.on_chain(view).await,
             inbound = conn.ws.next() => conn.on_inbound(inbound).await,
-            unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
+            // The timers before the units: they are rarely ready, and a resource that keeps
+            // the queue full must not starve the heartbeat (its lapse pauses delivery), the
+            // usage saves or the deadlines.
             _ = ping.tick() => {
                 let payload = conn.state.now().to_be_bytes().to_vec();
                 match conn.send(Message::Ping(payload.into())).await {
@@ -154,6 +156,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
                 conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
                 conn.on_timer().await
             }
+            unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
         };
         if let Flow::Closed = flow {
             break;
@@ -298,7 +301,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                         ServerMessage::Paused { .. } => {
                             self.metrics().pauses_total.fetch_add(1, Ordering::Relaxed);
                         }
-                        ServerMessage::VoucherAck { .. } | ServerMessage::Session { .. } => {
+                        ServerMessage::VoucherAck { .. } => {
                             self.metrics()
                                 .vouchers_accepted
                                 .fetch_add(1, Ordering::Relaxed);
@@ -370,6 +373,16 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     self.units = Some(rx);
                 }
                 Effect::CancelRequest => self.stop_request(),
+                Effect::ProbeStore => {
+                    let up = self.state.store.ping().await.is_ok();
+                    let now = self.state.now();
+                    if let Some(session) = self.session.as_mut() {
+                        let more = session.store_probed(up, now);
+                        for e in more.into_iter().rev() {
+                            queue.push_front(e);
+                        }
+                    }
+                }
                 Effect::Account { consumed, queued } => {
                     Metrics::add_amount(&self.metrics().consumed_total, consumed);
                     Metrics::add_amount(&self.metrics().settled_total, queued);
@@ -444,6 +457,10 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         self.unauthenticated.release();
         self.metrics()
             .sessions_total
+            .fetch_add(1, Ordering::Relaxed);
+        // The opening voucher (a resume's `session` message stores none).
+        self.metrics()
+            .vouchers_accepted
             .fetch_add(1, Ordering::Relaxed);
         self.count_active(true);
     }
@@ -655,17 +672,22 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         }
     }
 
-    /// An `open` that failed after costing a signature check: counted against the connection
-    /// and its address.
-    fn failed_open(&mut self) {
+    /// An `open` refused: counted against the connection, and against its address unless the
+    /// payer signed it (a valid signature on a stale state is a client re-syncing after a
+    /// restart, not an attack on the address's budget; the connection's own budget still
+    /// bounds replays of a public voucher).
+    fn failed_open(&mut self, against_address: bool) {
         self.failed_opens += 1;
-        self.state.guards.failed_open(self.ip);
+        if against_address {
+            self.state.guards.failed_open(self.ip);
+        }
     }
 
     /// Opens a session: the cheap checks of the channel first, then the voucher's signature
-    /// (off the reactor), and only then is the channel reserved, the store read, and the
-    /// voucher stored. A parked session on the channel is taken over once the new voucher is
-    /// stored; a bad `open` changes nothing.
+    /// (off the reactor), then the voucher against the stored state; only a voucher that can
+    /// open a session reserves the channel, and it is stored before the session exists. A
+    /// parked session on the channel is taken over once the new voucher is stored; a bad `open`
+    /// changes nothing.
     async fn on_open(&mut self, msg: SignedStateMsg) -> Flow {
         let limits = &self.state.limits;
         if self.failed_opens >= limits.max_failed_opens_per_connection
@@ -687,7 +709,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         let voucher = match parse_voucher(&msg) {
             Ok(v) => v,
             Err(e) => {
-                self.failed_open();
+                self.failed_open(true);
                 let error = error_message(e.code(), e.to_string(), e.retriable());
                 return self.apply(vec![Effect::Send(error)]).await;
             }
@@ -695,6 +717,8 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         let info = match self.state.read_channel(msg.channel_id).await {
             Ok(Some(info)) => info,
             Ok(None) => {
+                // An unknown channel cost a chain read: counted against the address.
+                self.failed_open(true);
                 let e = ChannelError::ChannelNotOpen {
                     channel_id: msg.channel_id,
                     reason: "unknown channel",
@@ -711,6 +735,7 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             }
         };
         if let Err(effects) = Session::precheck(&self.state.params, &info) {
+            self.failed_open(true);
             return self.apply(effects).await;
         }
         let verified = match self
@@ -721,12 +746,42 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
         {
             Ok(v) => v,
             Err(e) => {
-                self.failed_open();
+                self.failed_open(true);
                 let error = error_message(e.code(), e.to_string(), e.retriable());
                 return self.apply(vec![Effect::Send(error)]).await;
             }
         };
+        let stored = match self.state.store.load(msg.channel_id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Nothing can be accepted without the store: close (1011) so the client
+                // retries later, possibly on another server.
+                let effects = vec![
+                    Effect::Send(error_message(e.code(), e.to_string(), true)),
+                    Effect::Close(CloseCode::Internal, e.code().into()),
+                ];
+                return self.apply(effects).await;
+            }
+        };
+        let opening = Opening {
+            info,
+            stored,
+            // A write of the channel's consumption that the store refused, being retried.
+            carried: self.state.flusher.consumed(msg.channel_id),
+            voucher: verified,
+        };
         let sid = self.state.next_session_id();
+        let now = self.state.now();
+        // The voucher is checked against the stored state before the channel is reserved: a
+        // replayed (public) voucher holds nothing, not even for a moment.
+        let (mut session, effects) =
+            match Session::open(self.state.params.clone(), sid.clone(), opening, now) {
+                Ok(opened) => opened,
+                Err(effects) => {
+                    self.failed_open(false);
+                    return self.apply(effects).await;
+                }
+            };
         let (ticket, parked) = match self.state.registry.reserve(msg.channel_id, &sid) {
             Ok(reserved) => reserved,
             Err(Refusal::Busy) => {
@@ -749,58 +804,25 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                 return self.apply(effects).await;
             }
         };
-        let stored = match self.state.store.load(msg.channel_id).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                // Nothing can be accepted without the store: close (1011) so the client
-                // retries later, possibly on another server.
-                self.state.registry.cancel(msg.channel_id, &sid);
-                let effects = vec![
-                    Effect::Send(error_message(e.code(), e.to_string(), true)),
-                    Effect::Close(CloseCode::Internal, e.code().into()),
-                ];
-                return self.apply(effects).await;
-            }
-        };
-        // Consumption the store may not have yet: a parked session's, or a write being retried.
-        let carried = match (parked, self.state.flusher.consumed(msg.channel_id)) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
         let Ticket {
             token,
             kick,
             updates,
         } = ticket;
-        let opening = Opening {
-            info,
-            stored,
-            carried,
-            voucher: verified,
-        };
-        let now = self.state.now();
-        match Session::open(self.state.params.clone(), sid.clone(), token, opening, now) {
-            Ok((session, effects)) => {
-                self.session = Some(session);
-                self.kick = Some(kick);
-                self.updates = Some(updates);
-                let flow = self.apply(effects).await;
-                if self.session.as_ref().is_some_and(Session::is_closed) && !self.counted_active {
-                    // The opening voucher was not stored: no session, the channel as it was.
-                    self.session = None;
-                    self.kick = None;
-                    self.updates = None;
-                    self.state.registry.cancel(msg.channel_id, &sid);
-                    self.failed_open();
-                }
-                flow
-            }
-            Err(effects) => {
-                self.state.registry.cancel(msg.channel_id, &sid);
-                self.failed_open();
-                self.apply(effects).await
-            }
+        session.admitted(token, parked);
+        self.session = Some(session);
+        self.kick = Some(kick);
+        self.updates = Some(updates);
+        let flow = self.apply(effects).await;
+        if self.session.as_ref().is_some_and(Session::is_closed) && !self.counted_active {
+            // The opening voucher was not stored: no session, the channel as it was.
+            self.session = None;
+            self.kick = None;
+            self.updates = None;
+            self.state.registry.cancel(msg.channel_id, &sid);
+            self.failed_open(false);
         }
+        flow
     }
 
     async fn on_resume(&mut self, token: &str) -> Flow {

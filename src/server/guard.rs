@@ -1,7 +1,11 @@
 //! What an address may cost before it is anyone's session (issue 9, items 7 and 10): how many
-//! connections it may hold before one of them opens a session, and how many `open`s from it
-//! may fail in a minute (each costs a signature check, a key recovery on a cold cache). The
-//! limits themselves are in [`super::Limits`].
+//! WebSocket connections it may hold before one of them opens a session, and how many `open`s
+//! from it may fail in a minute (each costs a chain read or a signature check). The limits
+//! themselves are in [`super::Limits`].
+//!
+//! An address is the client's as the server sees it ([`client_key`]): the TCP peer, or, behind a
+//! trusted proxy that says so in a header (`client_ip_header`), the address the proxy appended;
+//! IPv6 addresses count by their /64, which one host usually holds whole.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,7 +34,24 @@ impl PerIp {
     }
 }
 
-/// Per-address counts, shared by the listener and the connections.
+/// The address a client is counted under: `ip`, or for IPv6 its /64 prefix.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+    }
+}
+
+/// The client's address from a proxy header such as `X-Forwarded-For`: the last entry, the one
+/// the trusted proxy appended (earlier entries are the client's own claims).
+pub fn forwarded_ip(value: &str) -> Option<IpAddr> {
+    value.rsplit(',').next()?.trim().parse().ok()
+}
+
+/// Per-address counts, shared by the connections.
 #[derive(Debug, Default)]
 pub struct Guards {
     by_ip: Mutex<HashMap<IpAddr, PerIp>>,
@@ -130,6 +151,17 @@ mod tests {
     fn caps_unauthenticated_connections_and_failed_opens() {
         let guards = Arc::new(Guards::default());
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_key(ip), ip);
+        assert_eq!(
+            client_key("2001:db8::1".parse().unwrap()),
+            client_key("2001:db8::ffff:1".parse().unwrap()),
+            "one /64"
+        );
+        assert_eq!(
+            forwarded_ip("203.0.113.9, 10.0.0.7"),
+            Some("10.0.0.7".parse().unwrap())
+        );
+        assert_eq!(forwarded_ip("junk"), None);
         let a = guards.admit(ip, 2).unwrap();
         let b = guards.admit(ip, 2).unwrap();
         assert!(guards.admit(ip, 2).is_none(), "a third is refused");

@@ -73,9 +73,10 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// parked, resumable): a client that stops reading cannot freeze its connection's timers, and
 /// by then it has also missed two heartbeats.
 pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 10_000;
-/// Connections one address may hold before any of them opens a session: generous for a NAT,
-/// and it stops one host from taking every connection slot with sockets that never pay.
-pub const DEFAULT_MAX_UNAUTHENTICATED_PER_IP: usize = 256;
+/// WebSocket connections one address may hold before any of them opens a session: generous for
+/// a NAT, and a sixteenth of the connection slots, so one host cannot take them all with
+/// sockets that never pay.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_IP: usize = 64;
 /// `error`s a connection without a session gets before it is closed (1008).
 pub const DEFAULT_MAX_ERRORS_BEFORE_OPEN: u32 = 8;
 /// `open`s one connection may have refused after their signature was checked (then 4429).
@@ -103,8 +104,12 @@ pub struct Limits {
     pub drain_timeout_ms: u64,
     /// How long a frame may wait for the client's socket before the connection closes.
     pub send_timeout_ms: u64,
-    /// Connections per address before one of them opens a session.
+    /// WebSocket connections per address before one of them opens a session.
     pub max_unauthenticated_per_ip: usize,
+    /// The header a trusted reverse proxy puts the client's address in (`X-Forwarded-For`);
+    /// `None` when clients connect directly (the TCP peer is the client). Behind a proxy
+    /// without it, every client counts as the proxy's one address.
+    pub client_ip_header: Option<String>,
     /// Errors a connection without a session gets before it is closed.
     pub max_errors_before_open: u32,
     /// Refused opens per connection.
@@ -129,6 +134,7 @@ impl Default for Limits {
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             max_unauthenticated_per_ip: DEFAULT_MAX_UNAUTHENTICATED_PER_IP,
+            client_ip_header: None,
             max_errors_before_open: DEFAULT_MAX_ERRORS_BEFORE_OPEN,
             max_failed_opens_per_connection: DEFAULT_MAX_FAILED_OPENS_PER_CONNECTION,
             max_failed_opens_per_ip_per_min: DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN,
@@ -331,7 +337,7 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
     state: Arc<ServerState<C, S>>,
     stop: watch::Receiver<bool>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
-    unauthenticated: Arc<guard::Unauthenticated>,
+    peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET {
         return Ok(text(
@@ -398,6 +404,32 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
             "missing Sec-WebSocket-Key\n",
         ));
     };
+    // The client's address: the TCP peer, or what the trusted proxy says.
+    let ip = match &state.limits.client_ip_header {
+        Some(header) => req
+            .headers()
+            .get(header.as_str())
+            .and_then(|v| v.to_str().ok())
+            .and_then(guard::forwarded_ip)
+            .unwrap_or(peer.ip()),
+        None => peer.ip(),
+    };
+    let Some(unauthenticated) = state.guards.admit(
+        guard::client_key(ip),
+        state.limits.max_unauthenticated_per_ip,
+    ) else {
+        debug!(%ip, "refused: too many connections without a session from this address");
+        let mut response = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "text/plain",
+            "too many connections without a session from this address\n",
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("10"));
+        return Ok(response);
+    };
+    let unauthenticated = Arc::new(unauthenticated);
     let config = WebSocketConfig::default()
         .max_message_size(Some(state.limits.max_message_bytes))
         .max_frame_size(Some(state.limits.max_message_bytes))
@@ -438,7 +470,10 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
     let connections = Arc::new(Semaphore::new(state.limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let chain_watcher = tokio::spawn(watcher::run(state.clone(), stop_rx.clone()));
+    // The chain's news is read from the block the server starts at, before any `open`'s chain
+    // read: no event between the two is missed.
+    let start = state.chain.block_number().await.ok();
+    let chain_watcher = tokio::spawn(watcher::run(state.clone(), start, stop_rx.clone()));
     let (flusher_stop, flusher_rx) = watch::channel(false);
     let flusher = {
         let state = state.clone();
@@ -465,29 +500,13 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
             },
             () = &mut shutdown => break,
         };
-        let Some(unauthenticated) = state
-            .guards
-            .admit(peer.ip(), state.limits.max_unauthenticated_per_ip)
-        else {
-            // This address holds its share of connections without a session: no more.
-            debug!(%peer, "refused: too many connections without a session from this address");
-            drop(stream);
-            continue;
-        };
-        let unauthenticated = Arc::new(unauthenticated);
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let stop = stop_rx.clone();
         let permit = Arc::new(permit);
         tasks.spawn(async move {
             let service = service_fn(move |req| {
-                handle(
-                    req,
-                    state.clone(),
-                    stop.clone(),
-                    permit.clone(),
-                    unauthenticated.clone(),
-                )
+                handle(req, state.clone(), stop.clone(), permit.clone(), peer)
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -45,7 +45,9 @@ impl OpenAiUpstream {
         let mut body =
             serde_json::json!({ "model": self.model, "messages": messages, "stream": true });
         if let Some(max) = request.get("maxTokens").and_then(|m| m.as_u64()) {
-            body["max_tokens"] = max.into();
+            // At least one: a request that asks for nothing would have the upstream process
+            // its prompt for free (only delivered tokens are charged).
+            body["max_tokens"] = max.max(1).into();
         }
         body
     }

@@ -26,6 +26,10 @@ use crate::session::{ChainUpdate, Session};
 /// chain read predates the event finds it here.
 const CLOSING_MEMORY: usize = 65_536;
 
+/// How long a resume waits for the connection it supersedes to park the session: longer than
+/// that connection can be blocked in a write (the 10 s send timeout) plus its suspend.
+const TAKEOVER: Duration = Duration::from_secs(15);
+
 /// What the chain last said of a channel, for the connection serving it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChainView {
@@ -273,10 +277,17 @@ impl Registry {
         }
         let (sid, jti) = (sid.clone(), jti.clone());
         let since = Instant::now();
+        let mut session = Box::new(session);
+        if let Some(update) = inner.closing.peek(&channel) {
+            // The chain's news may have reached the connection's watch after its last look:
+            // the parked session records it, and ends when resumed.
+            let _ = session.chain_update(*update, 0);
+        }
+        let slot = inner.channels.get_mut(&channel).expect("checked above");
         slot.state = State::Parked {
             sid: sid.clone(),
             jti,
-            session: Box::new(session),
+            session,
             since,
         };
         inner.parked += 1;
@@ -340,7 +351,8 @@ impl Registry {
     /// connection is told to close with 4409 and the session moves here.
     pub async fn resume(&self, token: &str) -> Result<Claimed, ResumeError> {
         let claims = self.keys.verify(token)?;
-        for _ in 0..2 {
+        let deadline = tokio::time::Instant::now() + TAKEOVER;
+        loop {
             let notified = self.parked_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -375,11 +387,15 @@ impl Registry {
                                 updates: opening.updates,
                             },
                         );
-                        let State::Parked { session, .. } = state else {
+                        let State::Parked { mut session, .. } = state else {
                             unreachable!("matched above")
                         };
                         parked -= 1;
                         inner.parked = parked;
+                        if let Some(update) = inner.closing.peek(&claims.ch) {
+                            // Closing since it was parked: it ends when resumed.
+                            let _ = session.chain_update(*update, 0);
+                        }
                         return Ok(Claimed {
                             session: *session,
                             ticket,
@@ -395,14 +411,12 @@ impl Registry {
                     }
                 }
             }
-            // Wait for the superseded connection to park the session.
-            if tokio::time::timeout(Duration::from_secs(5), notified)
-                .await
-                .is_err()
-            {
-                break;
+            // Wait for the superseded connection to park the session (any park wakes this;
+            // the slot is looked at again).
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                // The old connection is still letting go: the token stays good, try again.
+                return Err(ResumeError::Busy);
             }
         }
-        Err(ResumeError::BadToken("the session could not be taken over"))
     }
 }

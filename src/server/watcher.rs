@@ -1,7 +1,8 @@
 //! The chain's news of channels (issue 9, item 1). The chain is read at `open`; after that a
 //! session learns what happens to its channel from the contract's events, which one task reads
 //! for the whole process, in bounded block ranges (public nodes cap `eth_getLogs`), starting at
-//! the block of the server's start (nothing is replayed). A top-up raises the live session's
+//! the block of the server's start (nothing is replayed), with a short window read again each
+//! time for reorgs. A top-up raises the live session's
 //! deposit; a withdrawal request, a withdrawal or a cooperative close ends it (the channel
 //! takes no new credit, and nothing more is delivered that could not be claimed), and is
 //! remembered so that a later `open` is refused. Every process on a chain runs its own watcher,
@@ -34,14 +35,38 @@ fn update_of(event: &ChannelEvent) -> ChainUpdate {
     }
 }
 
-/// Reads the contract's channel events until `stop` turns true.
+/// Each poll reads again the last 8 blocks before its cursor: an event a short reorg moved
+/// into a later block, or a load-balanced node that was behind, is still seen (events applied
+/// twice change nothing).
+const REORG_BLOCKS: u64 = 8;
+
+/// Events remembered so that one read twice (the reorg window) is counted once.
+const SEEN_EVENTS: usize = 4_096;
+
+/// What an event is, for telling a repeat from a new one.
+fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, u8) {
+    let kind = match event {
+        ChannelEvent::ToppedUp { .. } => 0,
+        ChannelEvent::WithdrawRequested(_) => 1,
+        ChannelEvent::Withdrawn { .. } => 2,
+        ChannelEvent::Closed { .. } => 3,
+    };
+    (block, event.channel_id(), kind)
+}
+
+/// Reads the contract's channel events from block `start` (the latest block when the server
+/// started, read before it accepted any connection) until `stop` turns true. A range the node
+/// refuses (too many logs) is halved until it passes, down to one block.
 pub async fn run<C: ChannelChain, S: ChannelStore>(
     state: Arc<ServerState<C, S>>,
+    start: Option<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(state.limits.watch_interval_ms.max(10));
-    let range = state.limits.log_range_blocks.max(1);
-    let mut next: Option<u64> = None;
+    let max_range = state.limits.log_range_blocks.max(1);
+    let mut range = max_range;
+    let mut next = start;
+    let mut seen = lru::LruCache::new(std::num::NonZeroUsize::new(SEEN_EVENTS).expect("non-zero"));
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -54,17 +79,25 @@ pub async fn run<C: ChannelChain, S: ChannelStore>(
                 continue;
             }
         };
-        let mut from = *next.get_or_insert(latest);
+        let mut from = next.unwrap_or(latest).saturating_sub(REORG_BLOCKS);
         while from <= latest {
             let to = latest.min(from.saturating_add(range - 1));
             let events = match state.chain.channel_events(from, to).await {
                 Ok(events) => events,
+                Err(e) if range > 1 => {
+                    debug!(from, to, "chain watcher: {e}; halving the range");
+                    range /= 2;
+                    continue;
+                }
                 Err(e) => {
                     warn!(from, to, "chain watcher: {e}");
                     break;
                 }
             };
-            for event in &events {
+            for (event, block) in &events {
+                if seen.put(identity(event, *block), ()).is_some() {
+                    continue;
+                }
                 let channel = event.channel_id();
                 debug!(%channel, ?event, "channel event");
                 state.forget_channel(channel);
@@ -74,7 +107,8 @@ pub async fn run<C: ChannelChain, S: ChannelStore>(
                 state.metrics.chain_events.fetch_add(1, Ordering::Relaxed);
             }
             from = to + 1;
-            next = Some(from);
+            next = Some(next.map_or(from, |n| n.max(from)));
+            range = range.saturating_mul(2).min(max_range);
         }
     }
 }

@@ -53,6 +53,8 @@ pub const DEFAULT_MAX_VOUCHERS_PER_SEC: usize = 20;
 /// While delivery is paused for credit, an unanswered `need_voucher` is repeated every second
 /// until its deadline: cheap, and a client that deferred the first ask answers within one.
 pub const REASK_INTERVAL_MS: u64 = 1_000;
+/// While delivery is paused for the store, whether it answers again is checked every second.
+pub const STORE_PROBE_MS: u64 = 1_000;
 /// A channel must give the payee at least an hour to claim after a withdrawal request (the
 /// contract allows 15 minutes): time for the settler to claim through an RPC outage or a
 /// congested chain, before the payer can take the deposit back.
@@ -159,6 +161,8 @@ pub enum Effect {
     Request(serde_json::Value),
     /// Stop the running request's resource (it was cancelled).
     CancelRequest,
+    /// Check whether the store answers again, then call [`Session::store_probed`].
+    ProbeStore,
     /// For `/metrics`: base units consumed and queued for settlement since the last account
     /// of this session (so resumes and closes count each unit once).
     Account {
@@ -212,7 +216,7 @@ pub struct Opening {
     /// What the store holds for it.
     pub stored: Option<StoredChannel>,
     /// Consumption of an earlier session on the channel that the store may not have yet (a
-    /// parked session this one takes over, or a write still being retried).
+    /// write still being retried; a parked session's comes with [`Session::admitted`]).
     pub carried: Option<Exact>,
     /// The `open` voucher, its signature already checked against the channel's payer.
     pub voucher: VerifiedState,
@@ -245,6 +249,8 @@ pub struct Session {
     counted: (u128, u128),
     /// The chain showed the channel closing while the session was parked.
     closing: Option<&'static str>,
+    /// While delivery is paused for the store: when to check whether it answers again.
+    store_probe_at: Option<Nanos>,
 }
 
 /// `error` with the channel's accepted state, so the client can re-sync.
@@ -344,11 +350,11 @@ impl Session {
 
     /// Starts a session from a checked `open`, given the chain's view of the channel and what
     /// the store holds. On success the session is `Opening` and the effects persist the
-    /// voucher. On failure the effects answer the client; no session exists.
+    /// voucher, once the server has reserved the channel for it ([`Session::admitted`]). On
+    /// failure the effects answer the client; no session exists.
     pub fn open(
         params: Arc<SessionParams>,
         id: String,
-        resume_token: String,
         opening: Opening,
         now: Nanos,
     ) -> Result<(Self, Vec<Effect>), Vec<Effect>> {
@@ -411,12 +417,29 @@ impl Session {
             next_usage,
             recent_vouchers: VecDeque::new(),
             persisted_consumed: consumed,
-            resume_token,
+            resume_token: String::new(),
             requests: Requests::default(),
             counted: (start, start),
             closing: None,
+            store_probe_at: None,
         };
         Ok((session, vec![effect]))
+    }
+
+    /// The channel was reserved for this opening session: its resume token, and the exact
+    /// consumption of a session parked on the channel, which this one takes over once its voucher
+    /// is stored (the larger consumption counts: nothing metered is metered again).
+    pub fn admitted(&mut self, resume_token: String, carried: Option<Exact>) {
+        self.resume_token = resume_token;
+        if let Some(carried) = carried
+            && self.phase == Phase::Opening
+            && carried > self.meter.exact_consumed()
+        {
+            self.meter.raise_consumed(carried);
+            self.persisted_consumed = self.persisted_consumed.max(carried);
+            let start = self.meter.consumed();
+            self.counted = (start, start);
+        }
     }
 
     /// Moves to `Open`: connects the meter and says `session`.
@@ -520,6 +543,7 @@ impl Session {
                 if self.meter.is_paused(PauseReason::StoreUnavailable) {
                     self.meter.resume(PauseReason::StoreUnavailable, now);
                 }
+                self.store_probe_at = None;
                 if self.phase == Phase::Opening {
                     effects.extend(self.opened(now));
                     if let Some(reason) = self.closing {
@@ -573,6 +597,7 @@ impl Session {
                 }
                 if outage {
                     self.meter.pause(PauseReason::StoreUnavailable, now);
+                    self.store_probe_at = Some(now.saturating_add(STORE_PROBE_MS * NS_PER_MS));
                     if !self.paused_sent {
                         self.paused_sent = true;
                         effects.push(Effect::Send(ServerMessage::Paused {
@@ -585,8 +610,22 @@ impl Session {
         }
     }
 
+    /// The answer to [`Effect::ProbeStore`]: when the store answers again, paid delivery goes
+    /// on (the client re-sends the voucher the store refused when it is asked for credit);
+    /// otherwise it is checked again a little later.
+    pub fn store_probed(&mut self, up: bool, now: Nanos) -> Vec<Effect> {
+        if !up {
+            if self.store_probe_at.is_some() {
+                self.store_probe_at = Some(now.saturating_add(STORE_PROBE_MS * NS_PER_MS));
+            }
+            return Vec::new();
+        }
+        self.store_recovered(now)
+    }
+
     /// The store answers again after an outage: paid delivery goes on.
     pub fn store_recovered(&mut self, now: Nanos) -> Vec<Effect> {
+        self.store_probe_at = None;
         if !self.meter.is_paused(PauseReason::StoreUnavailable) {
             return Vec::new();
         }
@@ -764,17 +803,29 @@ impl Session {
         if let Some(deadline) = self.voucher_deadline
             && now >= deadline
         {
-            effects.push(error(
-                "voucher_deadline",
-                "no voucher arrived before the need_voucher deadline",
-                false,
-                Some(self.error_data()),
-            ));
-            effects.extend(self.finish(false, CloseCode::VoucherDeadline, now, false));
-            return effects;
+            if !self.meter.is_paused(PauseReason::Exhausted) {
+                // The ask came early and the client has not needed the credit yet (its stream
+                // ended, or its count did not allow a voucher): nothing was delivered unpaid and
+                // none is waiting. The ask lapses, and the next one comes when credit runs low.
+                self.voucher_deadline = None;
+                self.meter.reset_ask();
+            } else {
+                effects.push(error(
+                    "voucher_deadline",
+                    "no voucher arrived before the need_voucher deadline",
+                    false,
+                    Some(self.error_data()),
+                ));
+                effects.extend(self.finish(false, CloseCode::VoucherDeadline, now, false));
+                return effects;
+            }
         }
         if self.reask_at().is_some_and(|at| now >= at) {
             effects.extend(self.reask(now));
+        }
+        if self.store_probe_at.is_some_and(|at| now >= at) {
+            self.store_probe_at = Some(now.saturating_add(STORE_PROBE_MS * NS_PER_MS));
+            effects.push(Effect::ProbeStore);
         }
         if now >= self.next_usage {
             self.next_usage =
@@ -803,6 +854,7 @@ impl Session {
             Some(self.next_usage),
             self.voucher_deadline,
             self.reask_at(),
+            self.store_probe_at,
             self.meter.exhausted_at().map(|t| t.saturating_add(1)),
         ]
         .into_iter()
@@ -874,34 +926,30 @@ impl Session {
                 return effects;
             }
         }
-        let mut effects = Vec::new();
-        if self.requests.active() {
-            if !self.params.replace_requests {
-                return vec![error(
-                    "request_in_progress",
-                    "a request is streaming; wait for its end",
-                    true,
-                    None,
-                )];
-            }
-            effects.extend(self.end_request(EndReason::Cancelled, None));
+        if self.requests.active() && !self.params.replace_requests {
+            return vec![error(
+                "request_in_progress",
+                "a request is streaming; wait for its end",
+                true,
+                None,
+            )];
         }
         let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
-        match self.meter.try_request(bytes, now) {
-            Ok(()) => {
-                self.requests.start(self.seq);
-                effects.push(Effect::Request(body));
-            }
-            Err(e) => {
-                effects.push(error(
-                    "payment_required",
-                    format!("{e}; the request needs credit for its first unit"),
-                    true,
-                    Some(self.error_data()),
-                ));
-                effects.extend(self.ask_for_voucher(now));
-            }
+        if let Err(e) = self.meter.try_request(bytes, now) {
+            // Refused before anything else: a request that cannot be paid for does not cancel
+            // the one streaming.
+            let mut effects = vec![error(
+                "payment_required",
+                format!("{e}; the request needs credit for its first unit"),
+                true,
+                Some(self.error_data()),
+            )];
+            effects.extend(self.ask_for_voucher(now));
+            return effects;
         }
+        let mut effects = self.end_request(EndReason::Cancelled, None);
+        self.requests.start(self.seq);
+        effects.push(Effect::Request(body));
         effects
     }
 
@@ -998,8 +1046,17 @@ impl Session {
     pub fn chain_update(&mut self, update: ChainUpdate, now: Nanos) -> Vec<Effect> {
         let reason = match update {
             ChainUpdate::ToppedUp { deposit } => {
+                if deposit <= self.channel.deposit() {
+                    return Vec::new();
+                }
                 self.channel.raise_deposit(deposit);
-                return Vec::new();
+                // A session that ran out of deposit was told to top up, and its ask lapsed
+                // then: ask again now that the deposit allows more credit.
+                self.meter.reset_ask();
+                if self.phase != Phase::Open {
+                    return Vec::new();
+                }
+                return self.ask_for_voucher(now);
             }
             ChainUpdate::WithdrawRequested => "the payer requested a withdrawal",
             ChainUpdate::Closed => "the channel was closed on-chain",

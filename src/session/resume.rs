@@ -31,9 +31,10 @@ pub enum ResumeError {
     /// open the channel again with the latest voucher (close 4401).
     #[error("bad resume token: {0}")]
     BadToken(&'static str),
-    /// An `open` on the session's channel is being stored right now; retry in a moment
+    /// An `open` on the session's channel is being stored right now, or the connection the
+    /// session is on has not let go of it yet; the token stays good: retry in a moment
     /// (`channel_busy`, the connection stays open).
-    #[error("an open on this channel is in progress")]
+    #[error("the session's channel is busy; retry the resume in a moment")]
     Busy,
 }
 

@@ -101,10 +101,16 @@ impl ChannelStore for MemoryStore {
 
     async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
         self.up()?;
-        if let Some(stored) = lock(&self.channels).get_mut(&channel_id) {
-            stored.closing.get_or_insert(amount);
+        match lock(&self.channels).get_mut(&channel_id) {
+            Some(stored) => {
+                stored.closing.get_or_insert(amount);
+                Ok(())
+            }
+            None => Err(StoreError::Corrupt {
+                key: channel_id.to_string(),
+                reason: "no channel record to mark closing".into(),
+            }),
         }
-        Ok(())
     }
 
     async fn queue_claim(&self, claim: PendingClaim) -> Result<(), StoreError> {

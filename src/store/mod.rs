@@ -105,7 +105,8 @@ impl StoreError {
 /// - `save_consumed` only ever raises the stored consumption (compared by its rounded-up
 ///   value; at an equal one, the exact value under the same denominator).
 /// - `queue_claim` replaces any claim queued for the same channel by the larger amount.
-/// - `mark_closing` records the payee's consent to close once; it is never cleared.
+/// - `mark_closing` records the payee's consent to close once; it is never cleared. It fails
+///   when the channel has no record (then the close must not be signed).
 pub trait ChannelStore: Send + Sync + 'static {
     /// Persists a newly accepted voucher (compare-and-set on the nonce and the cumulative).
     fn save_voucher(

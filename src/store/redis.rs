@@ -47,6 +47,7 @@ return 1
 "#;
 
 const MARK_CLOSING: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSETNX', KEYS[1], 'k', ARGV[1])
 return 1
 "#;
@@ -241,13 +242,18 @@ impl ChannelStore for RedisStore {
 
     async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self
+        let key = self.channel_key(channel_id);
+        let marked: i64 = self
             .mark_closing
-            .key(self.channel_key(channel_id))
+            .key(&key)
             .arg(pad_u128(amount))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if marked == 0 {
+            // No record to mark (the store lost it): the close must not be signed.
+            return Err(corrupt(&key, "no channel record to mark closing"));
+        }
         Ok(())
     }
 
