@@ -448,34 +448,6 @@ async fn delivery_resumes_when_the_store_takes_writes_again() {
         .await;
 }
 
-/// Found in review: the loop took queued units before its timers, so a resource that kept the
-/// queue full starved the heartbeat, and delivery then paused for a heartbeat the server had
-/// not sent. A fast stream to a client that answers every Ping is never paused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fast_stream_does_not_starve_the_heartbeat() {
-    let mut options = Options::new(r#"{"perMessage":{"amount":"1","per":"1000"}}"#);
-    options.params = Box::new(|p| {
-        p.heartbeat_ms = 100;
-        p.meter.liveness_ns = 250_000_000;
-    });
-    let stack = Stack::start(options).await;
-    let id = stack.open_channel(payee(), 1, 1_000_000).await;
-    let mut c = stack.client(id).await;
-    c.open(1, 1_000_000).await;
-    c.send(&ClientMessage::Request {
-        body: serde_json::json!({ "maxTokens": 200_000 }),
-    })
-    .await;
-    let seen = c
-        .recv_until(|m| matches!(m, ServerMessage::End { .. }))
-        .await;
-    let paused: Vec<_> = seen
-        .iter()
-        .filter(|m| matches!(m, ServerMessage::Paused { .. }))
-        .collect();
-    assert!(paused.is_empty(), "{paused:?}");
-}
-
 /// Found in review: the `need_voucher` deadline ran from an early ask, so a healthy session
 /// whose client had not needed to answer yet (its stream ended first) was closed with 4408. An
 /// ask now only ends a session that is waiting for the credit.

@@ -154,7 +154,15 @@ impl Raw {
         pred: impl Fn(&ServerMessage) -> bool,
     ) -> Vec<ServerMessage> {
         let mut seen = Vec::new();
+        // Bounded as a whole, not only per message: periodic `usage` must not keep a test
+        // waiting forever for a message that never comes.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while let Some(m) = self.recv().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no matching message within 30 s; the last ones: {:?}",
+                &seen[seen.len().saturating_sub(5)..]
+            );
             let done = pred(&m);
             seen.push(m);
             if done {
