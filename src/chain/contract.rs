@@ -163,6 +163,64 @@ impl<B: Backend> Channels<B> {
         .await
     }
 
+    /// The `settle(claims)` transaction, for a sender that sends it itself
+    /// ([`super::TxSender`]).
+    pub fn settle_tx(&self, claims: &[Claim]) -> TxRequest {
+        let call = pc::settleCall {
+            claims: claims.iter().map(to_sol).collect(),
+        };
+        TxRequest {
+            to: Some(self.address),
+            input: call.abi_encode().into(),
+            value: U256::ZERO,
+        }
+    }
+
+    /// What a mined `settle(claims)` did: every claim not named by a `ClaimSkipped` (by its
+    /// index) was paid.
+    pub fn settle_outcome(&self, claims: &[Claim], outcome: TxOutcome) -> SettleOutcome {
+        let mut skip_of = vec![None; claims.len()];
+        for e in events::<pc::ClaimSkipped>(&outcome.logs, self.address) {
+            if let Some(slot) = usize::try_from(e.index)
+                .ok()
+                .and_then(|i| skip_of.get_mut(i))
+            {
+                *slot = Some(SkipReason::from_code(e.reason));
+            }
+        }
+        let mut claimed = Vec::new();
+        let mut skipped = Vec::new();
+        for (claim, skip) in claims.iter().zip(skip_of) {
+            match skip {
+                Some(reason) => skipped.push((claim.channel_id, reason)),
+                None => claimed.push(Claimed {
+                    channel_id: claim.channel_id,
+                    nonce: claim.nonce,
+                    claimed: claim.amount,
+                }),
+            }
+        }
+        let runs = events::<pc::Settled>(&outcome.logs, self.address)
+            .map(|e| PaidRun {
+                payee: e.payee,
+                token: e.token,
+                amount: e.amount,
+                channel_ids: e.channelIds,
+            })
+            .collect();
+        SettleOutcome {
+            receipt: outcome.receipt,
+            claimed,
+            skipped,
+            runs,
+        }
+    }
+
+    /// Whether `operator` may claim for `payee`.
+    pub async fn is_operator(&self, payee: Address, operator: Address) -> Result<bool> {
+        self.view(pc::isOperatorCall { payee, operator }).await
+    }
+
     /// The channel's fields as the contract returns them (all zero when unknown).
     pub async fn channel_view(&self, id: B256) -> Result<pc::ChannelView> {
         self.view(pc::getChannelCall { channelId: id }).await
@@ -198,46 +256,9 @@ impl<B: Backend> ChannelChain for Channels<B> {
     }
 
     async fn settle(&self, claims: &[Claim]) -> Result<SettleOutcome> {
-        let call = pc::settleCall {
-            claims: claims.iter().map(to_sol).collect(),
-        };
-        let outcome = self.send(call, U256::ZERO).await?;
-        // Every claim not named by a ClaimSkipped (by its index) was paid.
-        let mut skip_of = vec![None; claims.len()];
-        for e in events::<pc::ClaimSkipped>(&outcome.logs, self.address) {
-            if let Some(slot) = usize::try_from(e.index)
-                .ok()
-                .and_then(|i| skip_of.get_mut(i))
-            {
-                *slot = Some(SkipReason::from_code(e.reason));
-            }
-        }
-        let mut claimed = Vec::new();
-        let mut skipped = Vec::new();
-        for (claim, skip) in claims.iter().zip(skip_of) {
-            match skip {
-                Some(reason) => skipped.push((claim.channel_id, reason)),
-                None => claimed.push(Claimed {
-                    channel_id: claim.channel_id,
-                    nonce: claim.nonce,
-                    claimed: claim.amount,
-                }),
-            }
-        }
-        let runs = events::<pc::Settled>(&outcome.logs, self.address)
-            .map(|e| PaidRun {
-                payee: e.payee,
-                token: e.token,
-                amount: e.amount,
-                channel_ids: e.channelIds,
-            })
-            .collect();
-        Ok(SettleOutcome {
-            receipt: outcome.receipt,
-            claimed,
-            skipped,
-            runs,
-        })
+        let tx = self.settle_tx(claims);
+        let outcome = self.backend.send(tx).await?;
+        Ok(self.settle_outcome(claims, outcome))
     }
 
     async fn close_cooperative(

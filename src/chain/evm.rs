@@ -14,7 +14,10 @@ use revm::primitives::TxKind;
 use revm::primitives::hardfork::SpecId;
 use revm::{ExecuteCommitEvm, ExecuteEvm};
 
-use super::{Backend, BlockLog, ChainError, Result, TxOutcome, TxReceipt, TxRequest};
+use super::{
+    Backend, BlockLog, ChainError, Mined, Result, TxOutcome, TxParams, TxReceipt, TxRequest,
+    TxSender,
+};
 
 /// Chain id the in-process EVM reports unless told otherwise (anvil's default).
 pub const DEFAULT_EVM_CHAIN_ID: u64 = 31337;
@@ -36,6 +39,10 @@ struct Inner {
     block: u64,
     timestamp: u64,
     logs: Vec<BlockLog>,
+    /// Transactions sent by each account (its next nonce).
+    nonces: std::collections::HashMap<Address, u64>,
+    /// Receipts of transactions sent with [`TxSender::broadcast`], by hash.
+    receipts: std::collections::HashMap<B256, Mined>,
 }
 
 impl Inner {
@@ -91,6 +98,8 @@ impl EvmNode {
             block: 0,
             timestamp: DEFAULT_EVM_START_TIME_SECS,
             logs: Vec::new(),
+            nonces: std::collections::HashMap::new(),
+            receipts: std::collections::HashMap::new(),
         };
         Self {
             inner: Arc::new(Mutex::new(inner)),
@@ -192,6 +201,7 @@ impl EvmNode {
             ));
         };
         inner.block += 1;
+        *inner.nonces.entry(caller).or_default() += 1;
         let block = inner.block;
         let created = match output {
             Output::Create(_, address) => address,
@@ -240,6 +250,70 @@ impl EvmBackend {
     /// The node this backend sends to.
     pub fn node(&self) -> &EvmNode {
         &self.node
+    }
+}
+
+impl TxSender for EvmBackend {
+    async fn mined_nonce(&self) -> Result<u64> {
+        Ok(self
+            .node
+            .lock()
+            .nonces
+            .get(&self.sender)
+            .copied()
+            .unwrap_or(0))
+    }
+
+    async fn base_fee(&self) -> Result<u128> {
+        Ok(0)
+    }
+
+    async fn estimate_gas(&self, tx: &TxRequest) -> Result<u64> {
+        let env = self
+            .node
+            .tx_env(self.sender, tx.to, tx.input.clone(), tx.value)?;
+        let result = self
+            .node
+            .lock()
+            .with_evm(|evm| evm.transact(env))
+            .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        let gas_used = result.result.tx_gas_used();
+        match result.result {
+            ExecutionResult::Success { .. } => Ok(gas_used),
+            ExecutionResult::Revert { output, .. } => Err(ChainError::from_revert(output)),
+            ExecutionResult::Halt { reason, .. } => {
+                Err(ChainError::Evm(format!("halted: {reason:?}")))
+            }
+        }
+    }
+
+    /// Mines the transaction at once (the in-process chain has no mempool); a nonce already
+    /// used is a re-broadcast and changes nothing.
+    async fn broadcast(&self, tx: TxRequest, params: TxParams) -> Result<B256> {
+        let hash = keccak256(
+            [
+                self.sender.as_slice(),
+                &params.nonce.to_be_bytes(),
+                keccak256(&tx.input).as_slice(),
+            ]
+            .concat(),
+        );
+        if params.nonce < self.mined_nonce().await? {
+            return Ok(hash);
+        }
+        let outcome = self.node.transact(self.sender, tx)?;
+        self.node.lock().receipts.insert(
+            hash,
+            Mined {
+                outcome,
+                success: true,
+            },
+        );
+        Ok(hash)
+    }
+
+    async fn receipt(&self, hash: B256) -> Result<Option<Mined>> {
+        Ok(self.node.lock().receipts.get(&hash).cloned())
     }
 }
 

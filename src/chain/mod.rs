@@ -211,6 +211,56 @@ pub trait Backend: Send + Sync + 'static {
     fn balance(&self, owner: Address) -> impl Future<Output = Result<U256>> + Send;
 }
 
+/// EIP-1559 fees of a transaction, in wei per gas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fees {
+    /// The most the sender pays per gas (base fee included).
+    pub max_fee_per_gas: u128,
+    /// The tip per gas to the block producer.
+    pub max_priority_fee_per_gas: u128,
+}
+
+/// How a transaction is sent: its nonce, gas limit and fees, all chosen by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxParams {
+    /// The sender's nonce for it.
+    pub nonce: u64,
+    /// Its gas limit.
+    pub gas_limit: u64,
+    /// Its fees.
+    pub fees: Fees,
+}
+
+/// A transaction in a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mined {
+    /// The receipt and logs.
+    pub outcome: TxOutcome,
+    /// Whether it succeeded (status 1); a failed one's logs are empty.
+    pub success: bool,
+}
+
+/// Sending transactions without waiting for them, for a sender that manages its own nonces,
+/// fees and confirmations (the settler): a transaction is signed with the caller's parameters,
+/// broadcast, and its receipt looked up later.
+pub trait TxSender: Backend {
+    /// The sender's next nonce counting only mined transactions.
+    fn mined_nonce(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// The latest block's base fee per gas.
+    fn base_fee(&self) -> impl Future<Output = Result<u128>> + Send;
+    /// The gas `tx` would use now (refused with the contract's error if it would revert).
+    fn estimate_gas(&self, tx: &TxRequest) -> impl Future<Output = Result<u64>> + Send;
+    /// Signs `tx` with `params` and broadcasts it; returns its hash. Broadcasting the same
+    /// transaction again (same parameters) is harmless and returns the same hash.
+    fn broadcast(
+        &self,
+        tx: TxRequest,
+        params: TxParams,
+    ) -> impl Future<Output = Result<B256>> + Send;
+    /// The transaction's receipt, once it is in a block.
+    fn receipt(&self, hash: B256) -> impl Future<Output = Result<Option<Mined>>> + Send;
+}
+
 /// What the engine needs from the contract: read a channel, settle a batch, close
 /// cooperatively, and watch withdrawal requests.
 pub trait ChannelChain: Send + Sync + 'static {

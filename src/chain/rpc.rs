@@ -3,14 +3,20 @@
 use std::sync::Once;
 use std::time::Duration;
 
-use alloy::network::{ReceiptResponse, TransactionBuilder};
+use alloy::eips::eip2718::Encodable2718;
+use alloy::network::{
+    EthereumWallet, NetworkTransactionBuilder, ReceiptResponse, TransactionBuilder,
+};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::types::{Filter, TransactionRequest};
+use alloy::rpc::types::{BlockNumberOrTag, Filter, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::transports::{RpcError, TransportErrorKind};
 
-use super::{Backend, BlockLog, ChainError, Result, TxOutcome, TxReceipt, TxRequest};
+use super::{
+    Backend, BlockLog, ChainError, Mined, Result, TxOutcome, TxParams, TxReceipt, TxRequest,
+    TxSender,
+};
 
 /// A transaction not mined within 2 minutes is reported as failed (it may still be mined
 /// later: callers that signed something with it treat it as possibly sent). Without a bound a
@@ -21,6 +27,8 @@ pub const DEFAULT_TX_TIMEOUT_SECS: u64 = 120;
 #[derive(Debug, Clone)]
 pub struct RpcBackend {
     provider: DynProvider,
+    /// Signs the transactions the settler sends itself (with its own nonces and fees).
+    wallet: EthereumWallet,
     sender: Address,
     chain_id: u64,
     tx_timeout: Duration,
@@ -34,13 +42,15 @@ impl RpcBackend {
             .parse()
             .map_err(|e| ChainError::Rpc(format!("bad RPC URL {url}: {e}")))?;
         let sender = signer.address();
+        let wallet = EthereumWallet::from(signer);
         let provider = ProviderBuilder::new()
-            .wallet(signer)
+            .wallet(wallet.clone())
             .connect_http(url)
             .erased();
         let chain_id = provider.get_chain_id().await.map_err(rpc_error)?;
         Ok(Self {
             provider,
+            wallet,
             sender,
             chain_id,
             tx_timeout: Duration::from_secs(DEFAULT_TX_TIMEOUT_SECS),
@@ -57,6 +67,112 @@ impl RpcBackend {
     pub fn provider(&self) -> &DynProvider {
         &self.provider
     }
+}
+
+/// The outcome of a mined transaction from its receipt.
+fn outcome_of(receipt: &alloy::rpc::types::TransactionReceipt) -> TxOutcome {
+    TxOutcome {
+        receipt: TxReceipt {
+            tx_hash: receipt.transaction_hash(),
+            block: receipt.block_number().unwrap_or_default(),
+            gas_used: receipt.gas_used(),
+        },
+        logs: receipt
+            .inner
+            .logs()
+            .iter()
+            .map(|l| l.inner.clone())
+            .collect(),
+        created: receipt.contract_address(),
+    }
+}
+
+impl RpcBackend {
+    fn request(&self, tx: &TxRequest) -> TransactionRequest {
+        let mut request = TransactionRequest::default()
+            .with_from(self.sender)
+            .with_input(tx.input.clone())
+            .with_value(tx.value);
+        match tx.to {
+            Some(to) => request.set_to(to),
+            None => request.set_create(),
+        }
+        request
+    }
+}
+
+impl TxSender for RpcBackend {
+    async fn mined_nonce(&self) -> Result<u64> {
+        self.provider
+            .get_transaction_count(self.sender)
+            .latest()
+            .await
+            .map_err(rpc_error)
+    }
+
+    async fn base_fee(&self) -> Result<u128> {
+        let block = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Latest)
+            .await
+            .map_err(rpc_error)?
+            .ok_or_else(|| ChainError::Rpc("no latest block".into()))?;
+        Ok(block.header.base_fee_per_gas.map_or(0, u128::from))
+    }
+
+    async fn estimate_gas(&self, tx: &TxRequest) -> Result<u64> {
+        self.provider
+            .estimate_gas(self.request(tx))
+            .await
+            .map_err(rpc_error)
+    }
+
+    async fn broadcast(&self, tx: TxRequest, params: TxParams) -> Result<B256> {
+        let request = self
+            .request(&tx)
+            .with_chain_id(self.chain_id)
+            .with_nonce(params.nonce)
+            .with_gas_limit(params.gas_limit)
+            .with_max_fee_per_gas(params.fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(params.fees.max_priority_fee_per_gas);
+        let envelope = request
+            .build(&self.wallet)
+            .await
+            .map_err(|e| ChainError::Rpc(format!("signing: {e}")))?;
+        let hash = *envelope.tx_hash();
+        match self
+            .provider
+            .send_raw_transaction(&envelope.encoded_2718())
+            .await
+        {
+            Ok(_) => Ok(hash),
+            // The node has it already (a re-broadcast), or its nonce was used: the caller
+            // looks the hash up either way.
+            Err(e) if is_known(&e.to_string()) => Ok(hash),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn receipt(&self, hash: B256) -> Result<Option<Mined>> {
+        let receipt = self
+            .provider
+            .get_transaction_receipt(hash)
+            .await
+            .map_err(rpc_error)?;
+        Ok(receipt.map(|r| Mined {
+            success: r.status(),
+            outcome: outcome_of(&r),
+        }))
+    }
+}
+
+/// A node's answer that a broadcast transaction is not new.
+fn is_known(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("already known")
+        || m.contains("known transaction")
+        || m.contains("already imported")
+        || m.contains("nonce too low")
 }
 
 /// rustls needs a process-wide crypto provider; `ring` is the light one this crate builds.
@@ -90,14 +206,7 @@ impl Backend for RpcBackend {
     }
 
     async fn send(&self, tx: TxRequest) -> Result<TxOutcome> {
-        let mut request = TransactionRequest::default()
-            .with_from(self.sender)
-            .with_input(tx.input)
-            .with_value(tx.value);
-        match tx.to {
-            Some(to) => request.set_to(to),
-            None => request.set_create(),
-        }
+        let request = self.request(&tx);
         let pending = self
             .provider
             .send_transaction(request)
@@ -108,29 +217,12 @@ impl Backend for RpcBackend {
             .get_receipt()
             .await
             .map_err(|e| ChainError::Rpc(e.to_string()))?;
-        let tx_hash = receipt.transaction_hash();
         if !receipt.status() {
-            return Err(ChainError::Failed(tx_hash));
+            return Err(ChainError::Failed(receipt.transaction_hash()));
         }
-        Ok(TxOutcome {
-            receipt: TxReceipt {
-                tx_hash,
-                block: receipt.block_number().unwrap_or_default(),
-                gas_used: receipt.gas_used(),
-            },
-            logs: receipt
-                .inner
-                .logs()
-                .iter()
-                .map(|l| l.inner.clone())
-                .collect(),
-            created: receipt.contract_address(),
-        })
+        Ok(outcome_of(&receipt))
     }
 
-    /// Calls run against the latest mined block, not the node's pending state (alloy's
-    /// default): a channel is what the chain has committed, not what a transaction in one
-    /// node's mempool may make of it.
     async fn call(&self, to: Address, input: Bytes) -> Result<Bytes> {
         let request = TransactionRequest::default().with_to(to).with_input(input);
         self.provider

@@ -6,14 +6,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use alloy::primitives::B256;
 
+use super::settlement::{InFlight, QueuedClaim, SettlementStore, SkippedClaim};
 use super::{ChannelStore, PendingClaim, StoreError, StoredChannel, StoredVoucher};
 use crate::meter::Exact;
+
+/// The settler's records.
+#[derive(Debug, Default)]
+struct Settlement {
+    skipped: BTreeMap<B256, SkippedClaim>,
+    in_flight: BTreeMap<u64, InFlight>,
+    cursor: Option<u64>,
+    withdrawals: BTreeMap<B256, u64>,
+    closes: BTreeMap<B256, PendingClaim>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Channel states in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     channels: Mutex<HashMap<B256, StoredChannel>>,
-    claims: Mutex<BTreeMap<B256, PendingClaim>>,
+    claims: Mutex<BTreeMap<B256, QueuedClaim>>,
+    settlement: Mutex<Settlement>,
     /// When false every operation fails as `Unavailable` (to exercise outage handling).
     down: AtomicBool,
 }
@@ -116,19 +134,140 @@ impl ChannelStore for MemoryStore {
     async fn queue_claim(&self, claim: PendingClaim) -> Result<(), StoreError> {
         self.up()?;
         let mut claims = lock(&self.claims);
-        let entry = claims.entry(claim.channel_id).or_insert(claim);
-        if claim.amount > entry.amount {
-            *entry = claim;
+        let entry = claims.entry(claim.channel_id).or_insert(QueuedClaim {
+            claim,
+            since: unix_now(),
+        });
+        if claim.amount > entry.claim.amount {
+            entry.claim = claim;
         }
         Ok(())
     }
 
     async fn pending_claims(&self, limit: usize) -> Result<Vec<PendingClaim>, StoreError> {
         self.up()?;
-        Ok(lock(&self.claims).values().take(limit).copied().collect())
+        Ok(lock(&self.claims)
+            .values()
+            .take(limit)
+            .map(|q| q.claim)
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.up()
+    }
+}
+
+impl MemoryStore {
+    /// Removes the claim of `channel` if it is for at most `amount`.
+    fn settle_claim(&self, channel: B256, amount: u128) {
+        let mut claims = lock(&self.claims);
+        if claims
+            .get(&channel)
+            .is_some_and(|q| q.claim.amount <= amount)
+        {
+            claims.remove(&channel);
+        }
+    }
+}
+
+impl SettlementStore for MemoryStore {
+    async fn queued_claims(&self, limit: usize) -> Result<Vec<QueuedClaim>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.claims).values().take(limit).copied().collect())
+    }
+
+    async fn claims_settled(&self, settled: &[(B256, u128)]) -> Result<(), StoreError> {
+        self.up()?;
+        for (channel, amount) in settled {
+            self.settle_claim(*channel, *amount);
+        }
+        Ok(())
+    }
+
+    async fn claim_skipped(&self, skipped: SkippedClaim) -> Result<(), StoreError> {
+        self.up()?;
+        self.settle_claim(skipped.channel_id, skipped.amount);
+        lock(&self.settlement)
+            .skipped
+            .insert(skipped.channel_id, skipped);
+        Ok(())
+    }
+
+    async fn skipped_claims(&self) -> Result<Vec<SkippedClaim>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.settlement).skipped.values().cloned().collect())
+    }
+
+    async fn in_flight(&self) -> Result<Vec<InFlight>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.settlement).in_flight.values().cloned().collect())
+    }
+
+    async fn save_in_flight(&self, tx: &InFlight) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement)
+            .in_flight
+            .insert(tx.nonce, tx.clone());
+        Ok(())
+    }
+
+    async fn remove_in_flight(&self, nonce: u64) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement).in_flight.remove(&nonce);
+        Ok(())
+    }
+
+    async fn watch_cursor(&self) -> Result<Option<u64>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.settlement).cursor)
+    }
+
+    async fn set_watch_cursor(&self, block: u64) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement).cursor = Some(block);
+        Ok(())
+    }
+
+    async fn withdrawals(&self) -> Result<Vec<(B256, u64)>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.settlement)
+            .withdrawals
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect())
+    }
+
+    async fn add_withdrawal(&self, channel_id: B256, withdraw_at: u64) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement)
+            .withdrawals
+            .insert(channel_id, withdraw_at);
+        Ok(())
+    }
+
+    async fn remove_withdrawal(&self, channel_id: B256) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement).withdrawals.remove(&channel_id);
+        Ok(())
+    }
+
+    async fn queue_close(&self, claim: PendingClaim) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement)
+            .closes
+            .insert(claim.channel_id, claim);
+        Ok(())
+    }
+
+    async fn closes(&self) -> Result<Vec<PendingClaim>, StoreError> {
+        self.up()?;
+        Ok(lock(&self.settlement).closes.values().copied().collect())
+    }
+
+    async fn remove_close(&self, channel_id: B256) -> Result<(), StoreError> {
+        self.up()?;
+        lock(&self.settlement).closes.remove(&channel_id);
+        Ok(())
     }
 }

@@ -8,6 +8,9 @@
 
 pub mod memory;
 pub mod redis;
+pub mod settlement;
+
+pub use settlement::{InFlight, QueuedClaim, SettlementStore, SkippedClaim};
 
 use std::future::Future;
 

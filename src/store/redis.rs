@@ -20,7 +20,9 @@ use alloy::primitives::{B256, Signature, U256};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
+use super::settlement::{InFlight, QueuedClaim, SettlementStore, SkippedClaim};
 use super::{ChannelStore, PendingClaim, StoreError, StoredChannel, StoredVoucher};
+use crate::chain::Fees;
 use crate::channel::signature;
 use crate::meter::Exact;
 
@@ -54,8 +56,27 @@ return 1
 
 const QUEUE_CLAIM: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if (not cur) or string.sub(cur, 1, 39) < ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+if not cur then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+elseif string.sub(cur, 1, 39) < ARGV[2] then
+  local since = string.match(cur, '|([0-9]+)$') or ARGV[4]
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. since)
+end
+return 1
+"#;
+
+/// Removes each claim (`ARGV` pairs: channel, amount) queued for at most that amount; with a
+/// second key, records each removed one there as skipped (`ARGV[last]`: the record's tail).
+const CLAIMS_SETTLED: &str = r#"
+local n = #ARGV
+local tail = nil
+if #KEYS == 2 then tail = ARGV[n]; n = n - 1 end
+for i = 1, n, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if cur and string.sub(cur, 1, 39) <= ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+  if tail then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. '|' .. tail) end
 end
 return 1
 "#;
@@ -69,6 +90,7 @@ pub struct RedisStore {
     save_consumed: Script,
     queue_claim: Script,
     mark_closing: Script,
+    claims_settled: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -117,6 +139,7 @@ impl RedisStore {
             save_consumed: Script::new(SAVE_CONSUMED),
             queue_claim: Script::new(QUEUE_CLAIM),
             mark_closing: Script::new(MARK_CLOSING),
+            claims_settled: Script::new(CLAIMS_SETTLED),
         })
     }
 
@@ -126,6 +149,70 @@ impl RedisStore {
 
     fn claims_key(&self) -> String {
         format!("{}claims", self.prefix)
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `nonce|cumulative|signature`, the voucher part of a claim record.
+fn voucher_fields(claim: &PendingClaim) -> String {
+    format!(
+        "{}|{}|{}",
+        claim.voucher.nonce,
+        claim.voucher.cumulative,
+        hex::encode_prefixed(signature::to_bytes(&claim.voucher.signature))
+    )
+}
+
+/// A claim record `amount|nonce|cumulative|signature[|since]` of `channel`.
+fn parse_claim(key: &str, channel: &str, value: &str) -> Result<QueuedClaim, StoreError> {
+    let channel_id: B256 = channel.parse().map_err(|_| corrupt(key, "channel id"))?;
+    let parts: Vec<&str> = value.split('|').collect();
+    let (amount, nonce, cumulative, sig, since) = match parts[..] {
+        [amount, nonce, cumulative, sig] => (amount, nonce, cumulative, sig, "0"),
+        [amount, nonce, cumulative, sig, since] => (amount, nonce, cumulative, sig, since),
+        _ => return Err(corrupt(key, "claim fields")),
+    };
+    Ok(QueuedClaim {
+        claim: PendingClaim {
+            channel_id,
+            voucher: parse_voucher(key, nonce, cumulative, sig)?,
+            amount: amount.parse().map_err(|_| corrupt(key, "amount"))?,
+        },
+        since: since.parse().map_err(|_| corrupt(key, "since"))?,
+    })
+}
+
+impl RedisStore {
+    /// Every field of the hash `key`, by `HSCAN` (bounded batches, never one huge reply).
+    async fn scan(&self, key: &str, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit.clamp(10, 1000))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            out.extend(entries);
+            cursor = next;
+            if cursor == 0 || out.len() >= limit {
+                out.truncate(limit);
+                return Ok(out);
+            }
+        }
     }
 }
 
@@ -259,18 +346,13 @@ impl ChannelStore for RedisStore {
 
     async fn queue_claim(&self, claim: PendingClaim) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let rest = format!(
-            "{}|{}|{}",
-            claim.voucher.nonce,
-            claim.voucher.cumulative,
-            hex::encode_prefixed(signature::to_bytes(&claim.voucher.signature))
-        );
         let _: i64 = self
             .queue_claim
             .key(self.claims_key())
             .arg(claim.channel_id.to_string())
             .arg(pad_u128(claim.amount))
-            .arg(rest)
+            .arg(voucher_fields(&claim))
+            .arg(unix_now())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -278,39 +360,12 @@ impl ChannelStore for RedisStore {
     }
 
     async fn pending_claims(&self, limit: usize) -> Result<Vec<PendingClaim>, StoreError> {
-        let key = self.claims_key();
-        let mut conn = self.conn.clone();
-        let mut out = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                .arg(&key)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(limit.clamp(10, 1000))
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            for (field, value) in entries {
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-                let channel_id: B256 = field.parse().map_err(|_| corrupt(&key, "channel id"))?;
-                let parts: Vec<&str> = value.split('|').collect();
-                let [amount, nonce, cumulative, sig] = parts[..] else {
-                    return Err(corrupt(&key, "claim fields"));
-                };
-                out.push(PendingClaim {
-                    channel_id,
-                    voucher: parse_voucher(&key, nonce, cumulative, sig)?,
-                    amount: amount.parse().map_err(|_| corrupt(&key, "amount"))?,
-                });
-            }
-            cursor = next;
-            if cursor == 0 || out.len() >= limit {
-                return Ok(out);
-            }
-        }
+        Ok(self
+            .queued_claims(limit)
+            .await?
+            .into_iter()
+            .map(|q| q.claim)
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -321,4 +376,258 @@ impl ChannelStore for RedisStore {
             .map_err(unavailable)?;
         Ok(())
     }
+}
+
+impl SettlementStore for RedisStore {
+    async fn queued_claims(&self, limit: usize) -> Result<Vec<QueuedClaim>, StoreError> {
+        let key = self.claims_key();
+        self.scan(&key, limit)
+            .await?
+            .iter()
+            .map(|(field, value)| parse_claim(&key, field, value))
+            .collect()
+    }
+
+    async fn claims_settled(&self, settled: &[(B256, u128)]) -> Result<(), StoreError> {
+        if settled.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claims_settled.key(self.claims_key());
+        for (channel, amount) in settled {
+            invocation.arg(channel.to_string()).arg(pad_u128(*amount));
+        }
+        let _: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_skipped(&self, skipped: SkippedClaim) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .claims_settled
+            .key(self.claims_key())
+            .key(self.key("settle:skipped"))
+            .arg(skipped.channel_id.to_string())
+            .arg(pad_u128(skipped.amount))
+            .arg(format!("{}|{}", skipped.reason, skipped.at))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn skipped_claims(&self) -> Result<Vec<SkippedClaim>, StoreError> {
+        let key = self.key("settle:skipped");
+        self.scan(&key, usize::MAX)
+            .await?
+            .iter()
+            .map(|(field, value)| {
+                let parts: Vec<&str> = value.split('|').collect();
+                let [amount, reason, at] = parts[..] else {
+                    return Err(corrupt(&key, "skip fields"));
+                };
+                Ok(SkippedClaim {
+                    channel_id: field.parse().map_err(|_| corrupt(&key, "channel id"))?,
+                    amount: amount.parse().map_err(|_| corrupt(&key, "amount"))?,
+                    reason: reason.to_string(),
+                    at: at.parse().map_err(|_| corrupt(&key, "time"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn in_flight(&self) -> Result<Vec<InFlight>, StoreError> {
+        let key = self.key("settle:tx");
+        let mut out: Vec<InFlight> = self
+            .scan(&key, usize::MAX)
+            .await?
+            .iter()
+            .map(|(_, value)| decode_in_flight(&key, value))
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|t| t.nonce);
+        Ok(out)
+    }
+
+    async fn save_in_flight(&self, tx: &InFlight) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("settle:tx"))
+            .arg(pad_u64(tx.nonce))
+            .arg(encode_in_flight(tx))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn remove_in_flight(&self, nonce: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.key("settle:tx"))
+            .arg(pad_u64(nonce))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn watch_cursor(&self) -> Result<Option<u64>, StoreError> {
+        let key = self.key("settle:cursor");
+        let mut conn = self.conn.clone();
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        value
+            .map(|v| v.parse().map_err(|_| corrupt(&key, "block")))
+            .transpose()
+    }
+
+    async fn set_watch_cursor(&self, block: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(self.key("settle:cursor"))
+            .arg(block)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn withdrawals(&self) -> Result<Vec<(B256, u64)>, StoreError> {
+        let key = self.key("settle:withdraw");
+        self.scan(&key, usize::MAX)
+            .await?
+            .iter()
+            .map(|(field, value)| {
+                Ok((
+                    field.parse().map_err(|_| corrupt(&key, "channel id"))?,
+                    value.parse().map_err(|_| corrupt(&key, "withdraw time"))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn add_withdrawal(&self, channel_id: B256, withdraw_at: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("settle:withdraw"))
+            .arg(channel_id.to_string())
+            .arg(withdraw_at)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn remove_withdrawal(&self, channel_id: B256) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.key("settle:withdraw"))
+            .arg(channel_id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn queue_close(&self, claim: PendingClaim) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("closes"))
+            .arg(claim.channel_id.to_string())
+            .arg(format!(
+                "{}|{}",
+                pad_u128(claim.amount),
+                voucher_fields(&claim)
+            ))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn closes(&self) -> Result<Vec<PendingClaim>, StoreError> {
+        let key = self.key("closes");
+        self.scan(&key, usize::MAX)
+            .await?
+            .iter()
+            .map(|(field, value)| parse_claim(&key, field, value).map(|q| q.claim))
+            .collect()
+    }
+
+    async fn remove_close(&self, channel_id: B256) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.key("closes"))
+            .arg(channel_id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// `nonce;gas_limit;max_fee;priority;first_sent;last_sent;hash,hash;claim;claim` with each
+/// claim as `channel|amount|nonce|cumulative|signature`.
+fn encode_in_flight(tx: &InFlight) -> String {
+    let hashes: Vec<String> = tx.hashes.iter().map(|h| h.to_string()).collect();
+    let mut out = format!(
+        "{};{};{};{};{};{};{}",
+        tx.nonce,
+        tx.gas_limit,
+        tx.fees.max_fee_per_gas,
+        tx.fees.max_priority_fee_per_gas,
+        tx.first_sent,
+        tx.last_sent,
+        hashes.join(",")
+    );
+    for claim in &tx.claims {
+        out.push_str(&format!(
+            ";{}|{}|{}",
+            claim.channel_id,
+            pad_u128(claim.amount),
+            voucher_fields(claim)
+        ));
+    }
+    out
+}
+
+fn decode_in_flight(key: &str, value: &str) -> Result<InFlight, StoreError> {
+    let bad = |what: &str| corrupt(key, format!("in-flight {what}"));
+    let mut parts = value.split(';');
+    let mut next = |what: &str| parts.next().ok_or_else(|| bad(what));
+    let nonce = next("nonce")?.parse().map_err(|_| bad("nonce"))?;
+    let gas_limit = next("gas")?.parse().map_err(|_| bad("gas"))?;
+    let max_fee_per_gas = next("fee")?.parse().map_err(|_| bad("fee"))?;
+    let max_priority_fee_per_gas = next("tip")?.parse().map_err(|_| bad("tip"))?;
+    let first_sent = next("time")?.parse().map_err(|_| bad("time"))?;
+    let last_sent = next("time")?.parse().map_err(|_| bad("time"))?;
+    let hashes = next("hashes")?
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| h.parse().map_err(|_| bad("hash")))
+        .collect::<Result<_, _>>()?;
+    let claims = parts
+        .map(|c| {
+            let (channel, rest) = c.split_once('|').ok_or_else(|| bad("claim"))?;
+            parse_claim(key, channel, rest).map(|q| q.claim)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(InFlight {
+        nonce,
+        hashes,
+        claims,
+        fees: Fees {
+            max_fee_per_gas,
+            max_priority_fee_per_gas,
+        },
+        gas_limit,
+        first_sent,
+        last_sent,
+    })
 }
