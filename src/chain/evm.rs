@@ -264,6 +264,10 @@ impl TxSender for EvmBackend {
             .unwrap_or(0))
     }
 
+    async fn pending_nonce(&self) -> Result<u64> {
+        self.mined_nonce().await
+    }
+
     async fn base_fee(&self) -> Result<u128> {
         Ok(0)
     }

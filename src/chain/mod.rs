@@ -64,6 +64,21 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// A name for logs, records and `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadSignature => "bad_signature",
+            Self::UnknownChannel => "unknown_channel",
+            Self::Closed => "closed",
+            Self::NotPayee => "not_payee",
+            Self::ExceedsCumulative => "exceeds_cumulative",
+            Self::ExceedsDeposit => "exceeds_deposit",
+            Self::AlreadyClaimed => "already_claimed",
+            Self::StaleNonce => "stale_nonce",
+            Self::Other(_) => "other",
+        }
+    }
+
     /// From the contract's `SKIP_*` code.
     pub fn from_code(code: u8) -> Self {
         match code {
@@ -246,6 +261,8 @@ pub struct Mined {
 pub trait TxSender: Backend {
     /// The sender's next nonce counting only mined transactions.
     fn mined_nonce(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// The sender's next nonce counting the node's pending transactions too.
+    fn pending_nonce(&self) -> impl Future<Output = Result<u64>> + Send;
     /// The latest block's base fee per gas.
     fn base_fee(&self) -> impl Future<Output = Result<u128>> + Send;
     /// The gas `tx` would use now (refused with the contract's error if it would revert).

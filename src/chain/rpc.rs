@@ -110,6 +110,14 @@ impl TxSender for RpcBackend {
             .map_err(rpc_error)
     }
 
+    async fn pending_nonce(&self) -> Result<u64> {
+        self.provider
+            .get_transaction_count(self.sender)
+            .pending()
+            .await
+            .map_err(rpc_error)
+    }
+
     async fn base_fee(&self) -> Result<u128> {
         let block = self
             .provider
