@@ -81,7 +81,7 @@ async fn start_paid() -> Paid {
         chain,
         MemoryStore::new(),
         resources,
-        payee_key,
+        Some(payee_key),
         "http://bench".into(),
     ));
     tokio::spawn(server::run(listener, state, std::future::pending()));

@@ -66,6 +66,9 @@ pub struct ServeConfig {
     /// Resources by name (`/ws/{name}`).
     #[serde(default)]
     pub resources: BTreeMap<String, ResourceSection>,
+    /// The settler.
+    #[serde(default)]
+    pub settle: SettleSection,
 }
 
 fn default_listen() -> SocketAddr {
@@ -83,6 +86,141 @@ pub struct ChainSection {
     /// The token charged in; zero for native ETH.
     #[serde(default)]
     pub token: Address,
+    /// The payee, when `serve` holds no key (`[settle] mode = "separate"`); otherwise the
+    /// payee is the key's address (`PAYSTREAM_PAYEE_KEY`).
+    #[serde(default)]
+    pub payee: Option<Address>,
+}
+
+/// `[settle]`: the batch settler (see docs/SETTLER.md for each knob and its reason).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SettleSection {
+    /// `in_process` (default: `serve` settles with the payee's key) or `separate` (`serve`
+    /// holds no key; `paystream settle` runs beside it on the same store).
+    #[serde(default = "default_settle_mode")]
+    pub mode: String,
+    /// Blocks before a batch is final (the receipt's included).
+    #[serde(default = "default_confirmations")]
+    pub confirmations: u64,
+    /// Claims per transaction.
+    #[serde(default = "default_max_batch_claims")]
+    pub max_batch_claims: usize,
+    /// Gas per transaction.
+    #[serde(default = "default_max_batch_gas")]
+    pub max_batch_gas: u64,
+    /// Time between passes (the longest a due claim waits for its batch).
+    #[serde(default = "default_settle_interval_ms")]
+    pub interval_ms: u64,
+    /// A claim older than this goes whatever it is worth.
+    #[serde(default = "default_max_claim_age_secs")]
+    pub max_claim_age_secs: u64,
+    /// A claim goes on its value when that is at least this many times its marginal gas.
+    #[serde(default = "default_profit_factor")]
+    pub profit_factor: crate::meter::Price,
+    /// Gas one more claim adds to a batch.
+    #[serde(default = "default_marginal_gas")]
+    pub marginal_gas_per_claim: u64,
+    /// The gas price the economics assume (wei per gas, decimal string).
+    #[serde(with = "money::u128_string", default = "default_gas_price")]
+    pub gas_price_wei: u128,
+    /// What one base unit of the token is worth in wei (a rational; 1/1 for native ETH).
+    #[serde(default = "default_wei_per_base_unit")]
+    pub wei_per_base_unit: crate::meter::Price,
+    /// The most a settlement pays per gas (decimal string).
+    #[serde(with = "money::u128_string", default = "default_max_fee")]
+    pub max_fee_per_gas_wei: u128,
+    /// The tip per gas (decimal string).
+    #[serde(with = "money::u128_string", default = "default_priority_fee")]
+    pub priority_fee_wei: u128,
+    /// A transaction not mined after this is sent again with a higher fee.
+    #[serde(default = "default_stuck_after_secs")]
+    pub stuck_after_secs: u64,
+    /// Fee raise per replacement (percent, at least 10).
+    #[serde(default = "default_fee_bump")]
+    pub fee_bump_percent: u128,
+    /// Where `paystream settle` serves `/metrics` and `/healthz` (off when unset).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_settle_mode() -> String {
+    "in_process".into()
+}
+fn default_confirmations() -> u64 {
+    crate::settle::DEFAULT_CONFIRMATIONS
+}
+fn default_max_batch_claims() -> usize {
+    crate::settle::DEFAULT_MAX_BATCH_CLAIMS
+}
+fn default_max_batch_gas() -> u64 {
+    crate::settle::DEFAULT_MAX_BATCH_GAS
+}
+fn default_settle_interval_ms() -> u64 {
+    crate::settle::DEFAULT_INTERVAL_MS
+}
+fn default_max_claim_age_secs() -> u64 {
+    crate::settle::DEFAULT_MAX_CLAIM_AGE_SECS
+}
+fn default_profit_factor() -> crate::meter::Price {
+    crate::settle::DEFAULT_PROFIT_FACTOR
+}
+fn default_marginal_gas() -> u64 {
+    crate::settle::DEFAULT_MARGINAL_GAS_PER_CLAIM
+}
+fn default_gas_price() -> u128 {
+    crate::settle::DEFAULT_GAS_PRICE_WEI
+}
+fn default_wei_per_base_unit() -> crate::meter::Price {
+    crate::meter::Price::whole(1)
+}
+fn default_max_fee() -> u128 {
+    crate::settle::DEFAULT_MAX_FEE_PER_GAS_WEI
+}
+fn default_priority_fee() -> u128 {
+    crate::settle::DEFAULT_PRIORITY_FEE_WEI
+}
+fn default_stuck_after_secs() -> u64 {
+    crate::settle::DEFAULT_STUCK_AFTER_SECS
+}
+fn default_fee_bump() -> u128 {
+    crate::settle::DEFAULT_FEE_BUMP_PERCENT
+}
+
+impl Default for SettleSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl SettleSection {
+    /// Whether `serve` runs the settler itself.
+    pub fn in_process(&self) -> bool {
+        self.mode != "separate"
+    }
+
+    /// The settler's configuration.
+    pub fn config(&self) -> crate::settle::SettleConfig {
+        crate::settle::SettleConfig {
+            confirmations: self.confirmations.max(1),
+            max_batch_claims: self.max_batch_claims.max(1),
+            max_batch_gas: self.max_batch_gas,
+            interval_ms: self.interval_ms,
+            economics: crate::settle::Economics {
+                gas_price_wei: self.gas_price_wei,
+                wei_per_base_unit: self.wei_per_base_unit,
+                marginal_gas_per_claim: self.marginal_gas_per_claim,
+                factor: self.profit_factor,
+                max_age_secs: self.max_claim_age_secs,
+                force: false,
+            },
+            stuck_after_secs: self.stuck_after_secs,
+            fee_bump_percent: self.fee_bump_percent,
+            max_fee_per_gas_wei: self.max_fee_per_gas_wei,
+            priority_fee_wei: self.priority_fee_wei,
+            ..crate::settle::SettleConfig::default()
+        }
+    }
 }
 
 /// `[store]`.
@@ -164,6 +302,9 @@ pub struct SessionSection {
     /// A request while another streams cancels the running one instead of being refused.
     #[serde(default)]
     pub replace_requests: bool,
+    /// A live session queues its claim this often (ms), to be settled as it goes.
+    #[serde(default = "default_claim_interval")]
+    pub claim_interval_ms: u64,
 }
 
 fn default_credit_window() -> u128 {
@@ -195,6 +336,9 @@ fn default_resume_secs() -> u64 {
 }
 fn default_min_withdraw_delay() -> u32 {
     DEFAULT_MIN_WITHDRAW_DELAY_SECS
+}
+fn default_claim_interval() -> u64 {
+    crate::session::DEFAULT_CLAIM_INTERVAL_MS
 }
 fn default_max_requests() -> usize {
     DEFAULT_MAX_REQUESTS_PER_SEC
@@ -395,6 +539,15 @@ impl ServeConfig {
         }
         if self.resources.is_empty() {
             return invalid("resources", "configure at least one resource");
+        }
+        if !matches!(self.settle.mode.as_str(), "in_process" | "separate") {
+            return invalid("settle.mode", "must be \"in_process\" or \"separate\"");
+        }
+        if !self.settle.in_process() && self.chain.payee.is_none() {
+            return invalid(
+                "chain.payee",
+                "with [settle] mode = \"separate\" serve holds no key: set the payee's address",
+            );
         }
         Ok(())
     }

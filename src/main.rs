@@ -22,8 +22,12 @@ enum Command {
     /// Deploy the PaymentChannels contract (key in $PAYSTREAM_DEPLOYER_KEY); prints its address
     /// and chain id as JSON.
     Deploy(cmd::deploy::DeployArgs),
-    /// Serve paid streams (configuration in a TOML file, payee key in $PAYSTREAM_PAYEE_KEY).
+    /// Serve paid streams (configuration in a TOML file, payee key in $PAYSTREAM_PAYEE_KEY
+    /// unless a separate settler holds it).
     Serve(cmd::serve::ServeArgs),
+    /// Settle queued claims on-chain as its own process (key in $PAYSTREAM_SETTLER_KEY or
+    /// $PAYSTREAM_PAYEE_KEY); `--once` for one pass, `status` for what is pending.
+    Settle(cmd::settle::SettleArgs),
     /// Pay for a stream (key in $PAYSTREAM_PAYER_KEY, budget policy from flags).
     Pay(Box<cmd::pay::PayArgs>),
     /// Everything in one process on embedded defaults: a paid stream, its cost, its settlement.
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs at info; the interactive commands only warn unless RUST_LOG says otherwise.
     let default_level = match cli.command {
-        Command::Serve(_) | Command::Deploy(_) => "info",
+        Command::Serve(_) | Command::Deploy(_) | Command::Settle(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -61,6 +65,9 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::serve::run(args)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Settle(args) => runtime()
+            .and_then(|rt| rt.block_on(cmd::settle::run(args)))
             .map(|()| ExitCode::SUCCESS),
         Command::Deploy(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::deploy::run(args)))

@@ -98,7 +98,7 @@ pub async fn run() -> anyhow::Result<()> {
         chain,
         MemoryStore::new(),
         resources,
-        payee_key,
+        Some(payee_key),
         url.clone(),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

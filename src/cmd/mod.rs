@@ -4,4 +4,5 @@ pub mod demo;
 pub mod deploy;
 pub mod pay;
 pub mod serve;
+pub mod settle;
 pub mod state;

@@ -15,9 +15,10 @@ use paystream::server::openai::OpenAiUpstream;
 use paystream::server::resource::{Resource, Resources, TokenGenerator};
 use paystream::server::{self, ServerState};
 use paystream::session::SessionParams;
-use paystream::store::ChannelStore;
+use paystream::settle::Settler;
 use paystream::store::memory::MemoryStore;
 use paystream::store::redis::RedisStore;
+use paystream::store::{ChannelStore, SettlementStore};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -85,28 +86,45 @@ pub fn session_params(
         min_withdraw_delay_secs: s.min_withdraw_delay_secs,
         max_requests_per_sec: s.max_requests_per_sec,
         replace_requests: s.replace_requests,
+        claim_interval_ms: s.claim_interval_ms,
     }
 }
 
-async fn serve_with<S: ChannelStore>(
+async fn serve_with<S: ChannelStore + SettlementStore + Clone>(
     config: ServeConfig,
     store: S,
-    key: PrivateKeySigner,
+    key: Option<PrivateKeySigner>,
 ) -> anyhow::Result<()> {
-    let payee_key = SigningKey::from_slice(key.to_bytes().as_slice())?;
-    let backend = RpcBackend::connect(&config.chain.rpc_url, key)
+    // Without the payee's key (a separate settler holds it), the chain is only read: a throwaway
+    // key stands in for the sender, and nothing is ever sent from it.
+    let signer = key.clone().unwrap_or_else(PrivateKeySigner::random);
+    let backend = RpcBackend::connect(&config.chain.rpc_url, signer)
         .await
         .with_context(|| format!("connecting to {}", config.chain.rpc_url))?;
-    let payee = backend.sender();
+    let payee = match (&key, config.chain.payee) {
+        (Some(key), Some(payee)) if payee != key.address() => {
+            anyhow::bail!(
+                "chain.payee is {payee}, but {PAYEE_KEY_ENV} is the key of {}",
+                key.address()
+            )
+        }
+        (Some(key), _) => key.address(),
+        (None, Some(payee)) => payee,
+        (None, None) => anyhow::bail!("set chain.payee (serve holds no key)"),
+    };
     let chain_id = backend.chain_id();
-    let chain = Channels::at(backend, config.chain.contract);
+    let chain = Channels::at(backend.clone(), config.chain.contract);
     let params = session_params(&config, chain_id, payee);
+    let payee_key = key
+        .as_ref()
+        .map(|k| SigningKey::from_slice(k.to_bytes().as_slice()))
+        .transpose()?;
     let mut state = ServerState::new(
         params,
-        chain,
-        store,
+        chain.clone(),
+        store.clone(),
         resources(&config),
-        payee_key,
+        payee_key.clone(),
         config.public_url(),
     );
     state.limits = config.limits.limits();
@@ -124,16 +142,41 @@ async fn serve_with<S: ChannelStore>(
             state.set_resume(&secret, config.session.resume_window_secs);
         }
     }
+    // The in-process settler: the payee's key is in this process; it shares the send lock with
+    // the server's cooperative closes.
+    let (settler_stop, settler_task) = match &payee_key {
+        Some(key) => {
+            let settler = Settler::new(chain, store, config.settle.config())
+                .with_close_key(key.clone())
+                .with_send_lock(state.send_lock.clone());
+            state.settle_metrics = Some(settler.metrics());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(settler.run(async move {
+                let _ = stopped.await;
+            }));
+            info!("settling in this process");
+            (Some(stop), Some(task))
+        }
+        None => {
+            info!("no key here: run `paystream settle` beside this server on the same store");
+            (None, None)
+        }
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     info!(%payee, chain_id, contract = %config.chain.contract, "paystream serve");
     server::run(listener, Arc::new(state), shutdown_signal()).await?;
+    // The sessions' last claims are queued: the settler stops after them.
+    if let (Some(stop), Some(task)) = (settler_stop, settler_task) {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -156,16 +199,19 @@ async fn shutdown_signal() {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let mut config = ServeConfig::from_toml(&text)?;
-    config.apply_env(|k| std::env::var(k).ok())?;
-    config.validate()?;
-    let key: PrivateKeySigner = std::env::var(PAYEE_KEY_ENV)
-        .with_context(|| format!("set {PAYEE_KEY_ENV} to the payee's private key"))?
-        .trim()
-        .parse()
-        .context("the payee key is not a 32-byte hex private key")?;
+    let config = load_config(&args.config)?;
+    let key = if config.settle.in_process() {
+        Some(payee_key_from_env().with_context(|| {
+            format!(
+                "set {PAYEE_KEY_ENV} to the payee's private key (or run a separate settler: [settle] mode = \"separate\")"
+            )
+        })?)
+    } else {
+        if std::env::var_os(PAYEE_KEY_ENV).is_some() {
+            tracing::warn!("{PAYEE_KEY_ENV} is set but ignored: [settle] mode is \"separate\"");
+        }
+        None
+    };
     match config.store.kind.as_str() {
         "memory" => serve_with(config, MemoryStore::new(), key).await,
         _ => {
@@ -175,4 +221,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             serve_with(config, store, key).await
         }
     }
+}
+
+/// The configuration file, with the environment applied, validated.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config = ServeConfig::from_toml(&text)?;
+    config.apply_env(|k| std::env::var(k).ok())?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The payee's key from `PAYSTREAM_PAYEE_KEY`.
+pub fn payee_key_from_env() -> anyhow::Result<PrivateKeySigner> {
+    std::env::var(PAYEE_KEY_ENV)
+        .map_err(|_| anyhow::anyhow!("{PAYEE_KEY_ENV} is not set"))?
+        .trim()
+        .parse()
+        .context("the payee key is not a 32-byte hex private key")
 }

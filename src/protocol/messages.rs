@@ -201,6 +201,11 @@ pub enum ServerMessage {
         /// What returns to the payer (deposit minus the settled amount).
         #[serde(with = "money::u128_string")]
         refund: u128,
+        /// `closeChannel` was asked and the close is not done yet (a separate settler does it,
+        /// or its transaction failed and the claim was queued instead): the refund comes when
+        /// the close lands, or by withdrawing after the channel's delay. Absent otherwise.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        close_pending: bool,
     },
 }
 
@@ -412,6 +417,7 @@ mod tests {
             consumed: 2,
             settled_amount: 2,
             refund: 8,
+            close_pending: false,
         };
         assert_eq!(
             encode_server(&m),

@@ -36,7 +36,7 @@ use crate::protocol::{
 };
 use crate::session::resume::ResumeError;
 use crate::session::{ChainUpdate, Effect, Opening, Session, parse_voucher};
-use crate::store::{ChannelStore, PendingClaim};
+use crate::store::{ChannelStore, PendingClaim, SettlementStore};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -80,7 +80,7 @@ struct Connection<C, S> {
 }
 
 /// Runs a connection until it closes.
-pub(super) async fn run<C: ChannelChain, S: ChannelStore>(
+pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     state: Arc<ServerState<C, S>>,
     ws: Ws,
     resource: Arc<dyn Resource>,
@@ -215,7 +215,7 @@ fn error_message(code: &str, message: impl Into<String>, retriable: bool) -> Ser
     }
 }
 
-impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
+impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     fn metrics(&self) -> &Metrics {
         &self.state.metrics
     }
@@ -365,7 +365,19 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
                     }
                 }
                 Effect::QueueClaim(claim) => self.queue_claim(claim).await,
-                Effect::CloseChannel(claim) => self.close_channel(claim).await,
+                Effect::CloseChannel(claim) => {
+                    if !self.close_channel(claim).await {
+                        // The receipt (next) says the refund is not immediate.
+                        if let Some(Effect::Send(ServerMessage::Receipt {
+                            close_pending, ..
+                        })) = queue
+                            .iter_mut()
+                            .find(|e| matches!(e, Effect::Send(ServerMessage::Receipt { .. })))
+                        {
+                            *close_pending = true;
+                        }
+                    }
+                }
                 Effect::Request(body) => {
                     self.stop_request();
                     let (tx, rx) = mpsc::channel(self.state.limits.queue_capacity);
@@ -413,9 +425,11 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
 
     /// Closes the channel cooperatively: the payee's consent (`Close`) never expires on-chain,
     /// so the channel is first marked closing in the store (it takes no new session or
-    /// voucher from then on, whatever happens to the transaction); if that or the
-    /// transaction fails, the claim is queued for the settler instead.
-    async fn close_channel(&mut self, claim: PendingClaim) {
+    /// voucher from then on, whatever happens to the transaction). With the payee's key the
+    /// server signs and submits it; without (a separate settler holds the key), the close is
+    /// handed to the settler through the store. Returns whether the channel is closed now; if
+    /// not, the claim is queued (or the close handed over) and the receipt says so.
+    async fn close_channel(&mut self, claim: PendingClaim) -> bool {
         let channel_id = claim.channel_id;
         if let Err(e) = self
             .state
@@ -424,13 +438,21 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             .await
         {
             warn!(%channel_id, "could not record the close, queuing the claim instead: {e}");
-            return self.queue_claim(claim).await;
+            self.queue_claim(claim).await;
+            return false;
         }
+        let Some(key) = self.state.payee_key.clone() else {
+            if let Err(e) = self.state.store.queue_close(claim).await {
+                warn!(%channel_id, "could not hand the close to the settler, queuing the claim: {e}");
+                self.queue_claim(claim).await;
+            }
+            return false;
+        };
         let digest = self.state.params.domain.close_digest(&Close {
             channelId: channel_id,
             amount: claim.amount,
         });
-        let payee_signature = signature::sign_digest(&self.state.payee_key, &digest);
+        let payee_signature = signature::sign_digest(&key, &digest);
         let chain_claim = Claim {
             channel_id,
             nonce: claim.voucher.nonce,
@@ -438,17 +460,23 @@ impl<C: ChannelChain, S: ChannelStore> Connection<C, S> {
             amount: claim.amount,
             signature: claim.voucher.signature,
         };
-        if let Err(e) = self
-            .state
-            .chain
-            .close_cooperative(&chain_claim, &payee_signature)
-            .await
-        {
-            // The claim is not lost: the settler takes it instead.
-            warn!(%channel_id, "cooperative close failed, queuing the claim: {e}");
-            self.queue_claim(claim).await;
-        }
+        let result = {
+            let _sending = self.state.send_lock.lock().await;
+            self.state
+                .chain
+                .close_cooperative(&chain_claim, &payee_signature)
+                .await
+        };
         self.state.forget_channel(channel_id);
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                // The claim is not lost: the settler takes it instead.
+                warn!(%channel_id, "cooperative close failed, queuing the claim: {e}");
+                self.queue_claim(claim).await;
+                false
+            }
+        }
     }
 
     /// The session's opening voucher is stored: the session is the channel's, live.

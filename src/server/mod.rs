@@ -48,7 +48,7 @@ use crate::protocol::{
 };
 use crate::session::SessionParams;
 use crate::session::resume::ResumeKeys;
-use crate::store::ChannelStore;
+use crate::store::{ChannelStore, SettlementStore};
 use metrics::Metrics;
 use resource::{Resource, Resources};
 use verify::Verifier;
@@ -156,8 +156,14 @@ pub struct ServerState<C, S> {
     pub resources: Resources,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
-    /// The payee's key: signs `Close` for cooperative closes.
-    pub payee_key: SigningKey,
+    /// The payee's key: signs `Close` for cooperative closes. `None` when a separate settler
+    /// holds it (`paystream settle`): closes are handed to it through the store.
+    pub payee_key: Option<SigningKey>,
+    /// Held while this process sends a transaction with the payee's key, by the server's
+    /// cooperative closes and the in-process settler, so the two never take one nonce.
+    pub send_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The in-process settler's counters, appended to `/metrics`.
+    pub settle_metrics: Option<Arc<crate::settle::SettleMetrics>>,
     /// Bounds.
     pub limits: Limits,
     /// Base URL clients reach this server at (`http://host:port`), for the 402 challenge.
@@ -185,14 +191,14 @@ impl<C, S> std::fmt::Debug for ServerState<C, S> {
     }
 }
 
-impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
+impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
     /// Server state with default limits.
     pub fn new(
         params: SessionParams,
         chain: C,
         store: S,
         resources: Resources,
-        payee_key: SigningKey,
+        payee_key: Option<SigningKey>,
         public_url: String,
     ) -> Self {
         Self {
@@ -202,6 +208,8 @@ impl<C: ChannelChain, S: ChannelStore> ServerState<C, S> {
             resources,
             metrics: Metrics::default(),
             payee_key,
+            send_lock: Arc::default(),
+            settle_metrics: None,
             limits: Limits::default(),
             public_url,
             resume_window_secs: DEFAULT_RESUME_WINDOW_SECS,
@@ -332,7 +340,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     has(CONNECTION, "upgrade") && has(UPGRADE, "websocket")
 }
 
-async fn handle<C: ChannelChain, S: ChannelStore>(
+async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
     mut req: Request<Incoming>,
     state: Arc<ServerState<C, S>>,
     stop: watch::Receiver<bool>,
@@ -359,11 +367,11 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
             });
         }
         "/metrics" => {
-            return Ok(text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                state.metrics.render(),
-            ));
+            let mut body = state.metrics.render();
+            if let Some(settle) = &state.settle_metrics {
+                body.push_str(&settle.render());
+            }
+            return Ok(text(StatusCode::OK, "text/plain; version=0.0.4", body));
         }
         _ => {}
     }
@@ -462,7 +470,7 @@ async fn handle<C: ChannelChain, S: ChannelStore>(
 
 /// Serves HTTP and WebSocket on `listener` until `shutdown` completes, then closes every
 /// session with 1001 and waits (up to the drain timeout) for them to finish.
-pub async fn run<C: ChannelChain + 'static, S: ChannelStore>(
+pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
     listener: TcpListener,
     state: Arc<ServerState<C, S>>,
     shutdown: impl Future<Output = ()>,

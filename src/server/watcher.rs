@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use super::ServerState;
 use crate::chain::{ChannelChain, ChannelEvent};
 use crate::session::ChainUpdate;
-use crate::store::ChannelStore;
+use crate::store::{ChannelStore, SettlementStore};
 
 /// Blocks read per `eth_getLogs` call: within what public nodes allow.
 pub const DEFAULT_LOG_RANGE_BLOCKS: u64 = 500;
@@ -57,7 +57,7 @@ fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, 
 /// Reads the contract's channel events from block `start` (the latest block when the server
 /// started, read before it accepted any connection) until `stop` turns true. A range the node
 /// refuses (too many logs) is halved until it passes, down to one block.
-pub async fn run<C: ChannelChain, S: ChannelStore>(
+pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     state: Arc<ServerState<C, S>>,
     start: Option<u64>,
     mut stop: watch::Receiver<bool>,

@@ -53,6 +53,9 @@ pub const DEFAULT_MAX_VOUCHERS_PER_SEC: usize = 20;
 /// While delivery is paused for credit, an unanswered `need_voucher` is repeated every second
 /// until its deadline: cheap, and a client that deferred the first ask answers within one.
 pub const REASK_INTERVAL_MS: u64 = 1_000;
+/// A live session queues its claim every minute: a long session is settled as it goes, and a
+/// crash leaves at most a minute of consumption unclaimed in the queue (it is in the store).
+pub const DEFAULT_CLAIM_INTERVAL_MS: u64 = 60_000;
 /// While delivery is paused for the store, whether it answers again is checked every second.
 pub const STORE_PROBE_MS: u64 = 1_000;
 /// A channel must give the payee at least an hour to claim after a withdrawal request (the
@@ -93,6 +96,9 @@ pub struct SessionParams {
     /// A request while another streams cancels the running one (`end {cancelled}`) instead of
     /// being refused with `request_in_progress`.
     pub replace_requests: bool,
+    /// A live session queues a claim for its consumption so far this often, so a long session
+    /// is settled as it goes (the settler decides when it is worth it).
+    pub claim_interval_ms: u64,
 }
 
 impl SessionParams {
@@ -119,6 +125,7 @@ impl SessionParams {
             max_vouchers_per_sec: DEFAULT_MAX_VOUCHERS_PER_SEC,
             max_requests_per_sec: DEFAULT_MAX_REQUESTS_PER_SEC,
             replace_requests: false,
+            claim_interval_ms: DEFAULT_CLAIM_INTERVAL_MS,
         }
     }
 }
@@ -251,6 +258,8 @@ pub struct Session {
     closing: Option<&'static str>,
     /// While delivery is paused for the store: when to check whether it answers again.
     store_probe_at: Option<Nanos>,
+    /// When the live session next queues its claim.
+    next_claim: Nanos,
 }
 
 /// `error` with the channel's accepted state, so the client can re-sync.
@@ -398,6 +407,7 @@ impl Session {
         )
         .map_err(|e| vec![error("internal_error", e.to_string(), false, None)])?;
         let next_usage = now.saturating_add(params.usage_interval_ms.saturating_mul(NS_PER_MS));
+        let next_claim = now.saturating_add(params.claim_interval_ms.saturating_mul(NS_PER_MS));
         let start = meter.consumed();
         let effect = Effect::Persist {
             channel_id: info.id,
@@ -422,6 +432,7 @@ impl Session {
             counted: (start, start),
             closing: None,
             store_probe_at: None,
+            next_claim,
         };
         Ok((session, vec![effect]))
     }
@@ -827,6 +838,14 @@ impl Session {
             self.store_probe_at = Some(now.saturating_add(STORE_PROBE_MS * NS_PER_MS));
             effects.push(Effect::ProbeStore);
         }
+        if now >= self.next_claim {
+            // Settled as it goes: the claim for the consumption so far (replaced by larger ones;
+            // the settler decides when it is worth the gas).
+            self.next_claim =
+                now.saturating_add(self.params.claim_interval_ms.saturating_mul(NS_PER_MS));
+            effects.extend(self.persist_consumed());
+            effects.extend(self.final_claim(false));
+        }
         if now >= self.next_usage {
             self.next_usage =
                 now.saturating_add(self.params.usage_interval_ms.saturating_mul(NS_PER_MS));
@@ -852,6 +871,7 @@ impl Session {
         }
         [
             Some(self.next_usage),
+            Some(self.next_claim),
             self.voucher_deadline,
             self.reask_at(),
             self.store_probe_at,
@@ -1201,6 +1221,7 @@ impl Session {
                 consumed: self.meter.consumed(),
                 settled_amount: amount,
                 refund: info.deposit.saturating_sub(amount),
+                close_pending: false,
             }));
         }
         effects.push(Effect::Close(code, code_reason(code).into()));

@@ -26,9 +26,14 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Channel states in memory.
-#[derive(Debug, Default)]
+/// Channel states in memory. Clones share the same state (as clients of one Redis do).
+#[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
     channels: Mutex<HashMap<B256, StoredChannel>>,
     claims: Mutex<BTreeMap<B256, QueuedClaim>>,
     settlement: Mutex<Settlement>,
@@ -44,11 +49,11 @@ impl MemoryStore {
 
     /// Makes every operation fail (`true`) or work again (`false`).
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
+        self.inner.down.store(down, Ordering::SeqCst);
     }
 
     fn up(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
+        if self.inner.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store switched off".into()));
         }
         Ok(())
@@ -66,7 +71,7 @@ impl ChannelStore for MemoryStore {
         voucher: StoredVoucher,
     ) -> Result<(), StoreError> {
         self.up()?;
-        let mut channels = lock(&self.channels);
+        let mut channels = lock(&self.inner.channels);
         match channels.get_mut(&channel_id) {
             Some(stored) if stored.voucher.nonce >= voucher.nonce => Err(StoreError::StaleNonce {
                 got: voucher.nonce,
@@ -98,12 +103,12 @@ impl ChannelStore for MemoryStore {
 
     async fn load(&self, channel_id: B256) -> Result<Option<StoredChannel>, StoreError> {
         self.up()?;
-        Ok(lock(&self.channels).get(&channel_id).copied())
+        Ok(lock(&self.inner.channels).get(&channel_id).copied())
     }
 
     async fn save_consumed(&self, channel_id: B256, consumed: Exact) -> Result<(), StoreError> {
         self.up()?;
-        if let Some(stored) = lock(&self.channels).get_mut(&channel_id) {
+        if let Some(stored) = lock(&self.inner.channels).get_mut(&channel_id) {
             // As the Redis script: by the rounded-up value, then exactly under one denominator.
             let (old, new) = (stored.consumed.ceil(), consumed.ceil());
             if new > old
@@ -119,7 +124,7 @@ impl ChannelStore for MemoryStore {
 
     async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
         self.up()?;
-        match lock(&self.channels).get_mut(&channel_id) {
+        match lock(&self.inner.channels).get_mut(&channel_id) {
             Some(stored) => {
                 stored.closing.get_or_insert(amount);
                 Ok(())
@@ -133,7 +138,7 @@ impl ChannelStore for MemoryStore {
 
     async fn queue_claim(&self, claim: PendingClaim) -> Result<(), StoreError> {
         self.up()?;
-        let mut claims = lock(&self.claims);
+        let mut claims = lock(&self.inner.claims);
         let entry = claims.entry(claim.channel_id).or_insert(QueuedClaim {
             claim,
             since: unix_now(),
@@ -146,7 +151,7 @@ impl ChannelStore for MemoryStore {
 
     async fn pending_claims(&self, limit: usize) -> Result<Vec<PendingClaim>, StoreError> {
         self.up()?;
-        Ok(lock(&self.claims)
+        Ok(lock(&self.inner.claims)
             .values()
             .take(limit)
             .map(|q| q.claim)
@@ -161,7 +166,7 @@ impl ChannelStore for MemoryStore {
 impl MemoryStore {
     /// Removes the claim of `channel` if it is for at most `amount`.
     fn settle_claim(&self, channel: B256, amount: u128) {
-        let mut claims = lock(&self.claims);
+        let mut claims = lock(&self.inner.claims);
         if claims
             .get(&channel)
             .is_some_and(|q| q.claim.amount <= amount)
@@ -174,7 +179,11 @@ impl MemoryStore {
 impl SettlementStore for MemoryStore {
     async fn queued_claims(&self, limit: usize) -> Result<Vec<QueuedClaim>, StoreError> {
         self.up()?;
-        Ok(lock(&self.claims).values().take(limit).copied().collect())
+        Ok(lock(&self.inner.claims)
+            .values()
+            .take(limit)
+            .copied()
+            .collect())
     }
 
     async fn claims_settled(&self, settled: &[(B256, u128)]) -> Result<(), StoreError> {
@@ -188,7 +197,7 @@ impl SettlementStore for MemoryStore {
     async fn claim_skipped(&self, skipped: SkippedClaim) -> Result<(), StoreError> {
         self.up()?;
         self.settle_claim(skipped.channel_id, skipped.amount);
-        lock(&self.settlement)
+        lock(&self.inner.settlement)
             .skipped
             .insert(skipped.channel_id, skipped);
         Ok(())
@@ -196,17 +205,25 @@ impl SettlementStore for MemoryStore {
 
     async fn skipped_claims(&self) -> Result<Vec<SkippedClaim>, StoreError> {
         self.up()?;
-        Ok(lock(&self.settlement).skipped.values().cloned().collect())
+        Ok(lock(&self.inner.settlement)
+            .skipped
+            .values()
+            .cloned()
+            .collect())
     }
 
     async fn in_flight(&self) -> Result<Vec<InFlight>, StoreError> {
         self.up()?;
-        Ok(lock(&self.settlement).in_flight.values().cloned().collect())
+        Ok(lock(&self.inner.settlement)
+            .in_flight
+            .values()
+            .cloned()
+            .collect())
     }
 
     async fn save_in_flight(&self, tx: &InFlight) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement)
+        lock(&self.inner.settlement)
             .in_flight
             .insert(tx.nonce, tx.clone());
         Ok(())
@@ -214,24 +231,24 @@ impl SettlementStore for MemoryStore {
 
     async fn remove_in_flight(&self, nonce: u64) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement).in_flight.remove(&nonce);
+        lock(&self.inner.settlement).in_flight.remove(&nonce);
         Ok(())
     }
 
     async fn watch_cursor(&self) -> Result<Option<u64>, StoreError> {
         self.up()?;
-        Ok(lock(&self.settlement).cursor)
+        Ok(lock(&self.inner.settlement).cursor)
     }
 
     async fn set_watch_cursor(&self, block: u64) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement).cursor = Some(block);
+        lock(&self.inner.settlement).cursor = Some(block);
         Ok(())
     }
 
     async fn withdrawals(&self) -> Result<Vec<(B256, u64)>, StoreError> {
         self.up()?;
-        Ok(lock(&self.settlement)
+        Ok(lock(&self.inner.settlement)
             .withdrawals
             .iter()
             .map(|(k, v)| (*k, *v))
@@ -240,7 +257,7 @@ impl SettlementStore for MemoryStore {
 
     async fn add_withdrawal(&self, channel_id: B256, withdraw_at: u64) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement)
+        lock(&self.inner.settlement)
             .withdrawals
             .insert(channel_id, withdraw_at);
         Ok(())
@@ -248,13 +265,13 @@ impl SettlementStore for MemoryStore {
 
     async fn remove_withdrawal(&self, channel_id: B256) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement).withdrawals.remove(&channel_id);
+        lock(&self.inner.settlement).withdrawals.remove(&channel_id);
         Ok(())
     }
 
     async fn queue_close(&self, claim: PendingClaim) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement)
+        lock(&self.inner.settlement)
             .closes
             .insert(claim.channel_id, claim);
         Ok(())
@@ -262,12 +279,16 @@ impl SettlementStore for MemoryStore {
 
     async fn closes(&self) -> Result<Vec<PendingClaim>, StoreError> {
         self.up()?;
-        Ok(lock(&self.settlement).closes.values().copied().collect())
+        Ok(lock(&self.inner.settlement)
+            .closes
+            .values()
+            .copied()
+            .collect())
     }
 
     async fn remove_close(&self, channel_id: B256) -> Result<(), StoreError> {
         self.up()?;
-        lock(&self.settlement).closes.remove(&channel_id);
+        lock(&self.inner.settlement).closes.remove(&channel_id);
         Ok(())
     }
 }

@@ -114,7 +114,14 @@ impl Stack {
         });
         resources.insert("tokens".into(), tokens);
         let payee_key = SigningKey::from_slice(dev_signer(2).to_bytes().as_slice()).unwrap();
-        let mut state = ServerState::new(params, chain, store, resources, payee_key, url.clone());
+        let mut state = ServerState::new(
+            params,
+            chain,
+            store,
+            resources,
+            Some(payee_key),
+            url.clone(),
+        );
         (options.limits)(&mut state.limits);
         let state = Arc::new(state);
         let (tx, rx) = oneshot::channel();
