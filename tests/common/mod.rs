@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod anvil;
+pub mod faults;
 pub mod raw;
 pub mod redis;
 pub mod stack;
