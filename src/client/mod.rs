@@ -189,6 +189,9 @@ pub struct Receipt {
     pub refund: u128,
     /// The last accepted cumulative.
     pub cumulative: u128,
+    /// A cooperative close was asked and is not done yet: the refund comes when it lands (a
+    /// separate settler does it), or by withdrawing after the channel's delay.
+    pub close_pending: bool,
 }
 
 impl<B: Backend> Payer<B> {
@@ -731,6 +734,7 @@ impl PaySession {
                     settled_amount,
                     refund,
                     cumulative,
+                    close_pending,
                     ..
                 }))) => {
                     let received = self.received_worth();
@@ -753,6 +757,7 @@ impl PaySession {
                         settled: settled_amount,
                         refund,
                         cumulative,
+                        close_pending,
                     });
                 }
                 Ok(Some(_)) => continue,

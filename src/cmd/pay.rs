@@ -146,6 +146,7 @@ pub async fn run(args: PayArgs) -> anyhow::Result<()> {
             "consumed": receipt.consumed.to_string(),
             "settled": receipt.settled.to_string(),
             "refund": receipt.refund.to_string(),
+            "closePending": receipt.close_pending,
             "cumulative": receipt.cumulative.to_string(),
         })
     );

@@ -32,7 +32,7 @@ pub const SETTLER_KEY_ENV: &str = "PAYSTREAM_SETTLER_KEY";
 pub struct SettleArgs {
     /// The same TOML configuration as `paystream serve` (`[chain]`, `[store]`, `[settle]`).
     #[arg(long, short, env = "PAYSTREAM_CONFIG", global = true)]
-    config: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
     /// One pass, then exit (prints what it did as JSON).
     #[arg(long)]
     once: bool,
@@ -64,7 +64,11 @@ fn settler_key() -> anyhow::Result<PrivateKeySigner> {
 
 /// Runs `paystream settle`.
 pub async fn run(args: SettleArgs) -> anyhow::Result<()> {
-    let config = load_config(&args.config)?;
+    let path = args
+        .config
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--config FILE (or PAYSTREAM_CONFIG) is required"))?;
+    let config = load_config(&path)?;
     match config.store.kind.as_str() {
         "memory" => run_with(args, config, MemoryStore::new()).await,
         _ => {
