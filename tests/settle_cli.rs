@@ -40,8 +40,8 @@ fn start(args: &[&str], env: &[(&str, String)], ready: &str) -> Process {
     for (k, v) in env {
         command.env(k, v);
     }
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = Process(command.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -56,7 +56,7 @@ fn start(args: &[&str], env: &[(&str, String)], ready: &str) -> Process {
         if line.contains(ready) {
             // Keep draining so the child never blocks on a full pipe.
             std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Process(child);
+            return child;
         }
     }
 }
