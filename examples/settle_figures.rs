@@ -31,8 +31,12 @@ fn signer(i: usize) -> PrivateKeySigner {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let rpc = args.next().unwrap_or_else(|| "http://127.0.0.1:8545".into());
-    let redis = args.next().unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
+    let rpc = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:8545".into());
+    let redis = args
+        .next()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
     let claims: usize = args.next().map_or(Ok(500), |n| n.parse())?;
     let payer = Channels::deploy(RpcBackend::connect(&rpc, signer(1)).await?).await?;
     let payee = payer.with_backend(RpcBackend::connect(&rpc, signer(2)).await?);
@@ -83,19 +87,25 @@ async fn main() -> anyhow::Result<()> {
     let before = payee.backend().balance(payee_address).await?;
     let started = Instant::now();
     let mut batches = 0;
-    while store.pending_claims(1).await?.first().is_some() {
+    while !store.pending_claims(1).await?.is_empty() {
         let pass = settler.run_once().await?;
         batches += pass.submitted.len();
     }
     let elapsed = started.elapsed();
     let paid = payee.backend().balance(payee_address).await? - before;
     let expected: u128 = queued.iter().sum();
-    anyhow::ensure!(paid == U256::from(expected), "paid {paid}, expected {expected}");
+    anyhow::ensure!(
+        paid == U256::from(expected),
+        "paid {paid}, expected {expected}"
+    );
     let metrics = settler.metrics();
     let gas = metrics.gas_used.load(Ordering::Relaxed);
     println!("| figure | value |\n|---|---:|");
     println!("| claims settled | {claims} in {batches} batches |");
-    println!("| gas per claim (whole transactions) | {:.0} |", gas as f64 / claims as f64);
+    println!(
+        "| gas per claim (whole transactions) | {:.0} |",
+        gas as f64 / claims as f64
+    );
     println!(
         "| claims settled per second against anvil | {:.0} |",
         claims as f64 / elapsed.as_secs_f64()
@@ -103,7 +113,13 @@ async fn main() -> anyhow::Result<()> {
     // Latency: a claim queued (as a session's close queues it) to its confirmed settlement, with
     // the defaults (a pass every 2 s, 2 confirmations) on a chain with 1 s blocks.
     let (id, _) = payer
-        .open(payee_address, Address::ZERO, B256::repeat_byte(0xee), 1_000_000, 3_600)
+        .open(
+            payee_address,
+            Address::ZERO,
+            B256::repeat_byte(0xee),
+            1_000_000,
+            3_600,
+        )
         .await?;
     let mut defaults = SettleConfig::default();
     defaults.economics.force = true;
@@ -125,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     let queued_at = Instant::now();
     store.queue_claim(claim_on(id, 5)).await?;
     while payee.read_channel(id).await?.map_or(0, |c| c.claimed) < 5
-        || store.pending_claims(1).await?.first().is_some()
+        || !store.pending_claims(1).await?.is_empty()
     {
         anyhow::ensure!(queued_at.elapsed() < Duration::from_secs(60), "not settled");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -256,8 +256,12 @@ pub struct Settler<B, S> {
     /// Shared with the in-process server's cooperative closes, so the two never take one
     /// nonce.
     send_lock: Option<Arc<tokio::sync::Mutex<()>>>,
-    next_nonce: Option<u64>,
     infos: HashMap<B256, (Instant, Option<ChannelInfo>)>,
+    /// Claims the chain shows paid but not yet with the configured confirmations (a settlement
+    /// whose receipt the settler lost, or another's): the amount paid and the block it was first
+    /// seen at. They leave the queue only once that block is deep enough, and go again if a
+    /// reorg undoes the payment.
+    paid_seen: HashMap<B256, (u128, u64)>,
     may_claim: HashMap<Address, bool>,
     last_batch: Option<(u64, usize, Option<u64>)>,
 }
@@ -280,8 +284,8 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             metrics: Arc::default(),
             close_key: None,
             send_lock: None,
-            next_nonce: None,
             infos: HashMap::new(),
+            paid_seen: HashMap::new(),
             may_claim: HashMap::new(),
             last_batch: None,
         }
@@ -355,7 +359,7 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             .in_flight
             .store(waiting, std::sync::atomic::Ordering::Relaxed);
         self.closes(&mut pass).await?;
-        for batch in self.plan(&busy, now, &mut pass).await? {
+        for batch in self.plan(&busy, head, now, &mut pass).await? {
             self.submit(batch, now, &mut pass).await?;
         }
         Ok(pass)
@@ -493,6 +497,14 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             for (channel, _) in &settled {
                 self.store.remove_withdrawal(*channel).await?;
             }
+        } else if gas >= tx.gas_limit {
+            // Out of gas (the state moved between the estimate and the block): nothing was
+            // paid, and the claims, still queued, go again with a fresh estimate.
+            warn!(
+                nonce = tx.nonce,
+                "settlement ran out of gas; its claims go again"
+            );
+            self.metrics.failed("out_of_gas");
         } else {
             // The batch reverted on-chain: a transfer to its payee failed (a payee that refuses
             // ETH, a token that blacklists it). Its claims are recorded, not retried forever.
@@ -557,7 +569,6 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             let payee_signature = signature::sign_digest(&key, &digest);
             let result = {
                 let _guard = self.lock_sends().await;
-                self.next_nonce = None;
                 self.chain
                     .close_cooperative(&chain_claim(&claim), &payee_signature)
                     .await
@@ -628,6 +639,7 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
     async fn plan(
         &mut self,
         busy: &HashSet<B256>,
+        head: u64,
         now: u64,
         pass: &mut Pass,
     ) -> Result<Vec<Vec<PendingClaim>>, SettleError> {
@@ -641,16 +653,34 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             if busy.contains(&claim.channel_id) {
                 continue;
             }
+            if self.paid_seen.contains_key(&claim.channel_id) {
+                // Confirming a payment: read the chain afresh (a reorg may have undone it).
+                self.infos.remove(&claim.channel_id);
+            }
             let Some(info) = self.info(claim.channel_id).await? else {
                 self.skip(claim.channel_id, claim.amount, "unknown_channel", now, pass)
                     .await?;
                 continue;
             };
             if claim.amount <= info.claimed {
-                // Paid already (by an earlier run, a close, or another settler).
-                reconciled.push((claim.channel_id, claim.amount));
+                // Paid already (by an earlier run whose receipt was lost, a close, or another
+                // settler): it leaves the queue once the payment has the confirmations.
+                let seen = self
+                    .paid_seen
+                    .entry(claim.channel_id)
+                    .or_insert((info.claimed, head));
+                if seen.0 != info.claimed {
+                    *seen = (info.claimed, head);
+                }
+                if head + 1 - seen.1.min(head) >= self.config.confirmations {
+                    reconciled.push((claim.channel_id, claim.amount));
+                    self.paid_seen.remove(&claim.channel_id);
+                } else {
+                    pass.confirming += 1;
+                }
                 continue;
             }
+            self.paid_seen.remove(&claim.channel_id);
             if info.closed {
                 self.skip(claim.channel_id, claim.amount, "closed", now, pass)
                     .await?;
@@ -740,8 +770,9 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         }
     }
 
-    /// The next nonce: the chain's pending count, or past this settler's own, whichever is
-    /// higher.
+    /// The next nonce: the chain's pending count, or past this settler's own transactions in
+    /// flight (each recorded before it is sent), whichever is higher. Nothing is remembered
+    /// beside them: after a reorg undoes a transaction, its nonce is the next again.
     async fn take_nonce(&mut self) -> Result<u64, SettleError> {
         let pending = self.chain.backend().pending_nonce().await?;
         let in_flight = self
@@ -752,9 +783,7 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             .map(|t| t.nonce + 1)
             .max()
             .unwrap_or(0);
-        let nonce = self.next_nonce.unwrap_or(0).max(pending).max(in_flight);
-        self.next_nonce = Some(nonce + 1);
-        Ok(nonce)
+        Ok(pending.max(in_flight))
     }
 
     /// Records, then broadcasts, a transaction (sent again under its nonce when it has hashes).
