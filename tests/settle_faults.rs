@@ -1,6 +1,7 @@
 //! The settler under faults (issue 10): anvil stopped mid-batch and started again from its saved
-//! state, a proxy that drops the RPC connection, and the settler SIGKILLed between submission and
-//! receipt: in each, nothing is settled twice, nothing is lost, and the queue drains.
+//! state, a proxy that drops the RPC connection, the settler SIGKILLed between submission and
+//! receipt, and a reorg that undoes unconfirmed settlements: in each, nothing is settled twice,
+//! nothing is lost, and the queue drains.
 //!
 //! Each test runs a real anvil with the contract deployed and a real redis-server on 127.0.0.1
 //! (ports chosen at run time). The payer (dev key 1) opens channels to the payee (dev key 2),
@@ -725,4 +726,118 @@ tokens_per_sec = 0
     let after = settle_once(&config, &log);
     assert_eq!(after["submitted"], serde_json::json!([]), "{after}");
     eprintln!("SIGKILL test: {:?}", started.elapsed());
+}
+
+/// A reorg undoes settlements the settler had seen mined but not yet confirmed (anvil's
+/// `evm_snapshot` before them, `evm_revert` after: the blocks, and the transactions in them,
+/// are gone). First, a batch whose answer the proxy lost: restored, the settler finds the
+/// claims paid on the chain, but with `confirmations` 2 they stay queued while the payment is
+/// one block deep; the reorg undoes it and the claims go again in a new batch under the freed
+/// nonce. Second, a batch the settler sent and saw mined one block deep: the reorg drops it,
+/// and it goes again under its nonce. Both end paid once, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_undoes_unconfirmed_settlements() {
+    let started = Instant::now();
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let upstream = anvil
+        .url
+        .strip_prefix("http://")
+        .unwrap()
+        .parse()
+        .expect("anvil's address");
+    let proxy = Proxy::start(upstream).await;
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 6).await;
+    let from = payer.backend().block_number().await.unwrap();
+    let before = payer.backend().balance(payee()).await.unwrap();
+    let mut settler = settler(&proxy.url, contract, &redis.url, config(2, 1, 100)).await;
+    let claimed = |id: B256| {
+        let payer = &payer;
+        async move { payer.read_channel(id).await.unwrap().unwrap().claimed }
+    };
+
+    // The batch is mined (automine), its answer lost.
+    let mut expected = queue_claims(&store, &domain, &ids[..3], 0).await;
+    let snapshot = anvil.rpc("evm_snapshot", serde_json::json!([])).await;
+    proxy.set(Mode::LoseSendAnswers).await;
+    assert_chain_transport_error(pass(&mut settler).await, "the broadcast's answer lost");
+    assert_eq!(
+        operator_nonce(&anvil.url).await,
+        1,
+        "the node has the batch"
+    );
+    for (id, amount) in &expected {
+        assert_eq!(claimed(*id).await, *amount, "paid, one block deep");
+    }
+    // Restored, without a new block: the settler sees the claims paid, one block deep, and
+    // keeps them queued.
+    proxy.set(Mode::Forward).await;
+    let seen = pass(&mut settler).await.unwrap();
+    assert!(seen.submitted.is_empty(), "{seen:?}");
+    assert_eq!(seen.settled, 0, "nothing confirmed yet: {seen:?}");
+    assert_eq!(
+        queued(&store).await,
+        expected,
+        "a payment one block deep does not take a claim off the queue"
+    );
+    // The reorg: the batch is gone, and so is its nonce.
+    assert_eq!(
+        anvil.rpc("evm_revert", serde_json::json!([snapshot])).await,
+        serde_json::json!(true)
+    );
+    assert_eq!(operator_nonce(&anvil.url).await, 0, "the batch is undone");
+    for id in expected.keys() {
+        assert_eq!(claimed(*id).await, 0, "the payment is undone");
+    }
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    eprintln!("after the first reorg: {passes:?}, chain errors {errors:?}");
+    assert!(errors.is_empty(), "{errors:?}");
+    let submitted: Vec<(u64, usize)> = passes.iter().flat_map(|p| p.submitted.clone()).collect();
+    assert_eq!(
+        submitted,
+        vec![(0, 3)],
+        "the claims went again, under the freed nonce"
+    );
+    assert_settled_once(&payer, &store, &expected, &HashMap::new(), before, from).await;
+    assert_eq!(operator_nonce(&anvil.url).await, 1);
+
+    // A batch the settler saw mined, one block deep, then reorged away.
+    let round_two = queue_claims(&store, &domain, &ids[3..], 20_000).await;
+    expected.extend(round_two.clone());
+    let snapshot = anvil.rpc("evm_snapshot", serde_json::json!([])).await;
+    let sent = pass(&mut settler).await.unwrap();
+    assert_eq!(sent.submitted, vec![(1, 3)], "{sent:?}");
+    let confirming = pass(&mut settler).await.unwrap();
+    assert_eq!(confirming.confirming, 1, "{confirming:?}");
+    assert_eq!(queued(&store).await, round_two, "queued until confirmed");
+    assert_eq!(
+        anvil.rpc("evm_revert", serde_json::json!([snapshot])).await,
+        serde_json::json!(true)
+    );
+    assert_eq!(operator_nonce(&anvil.url).await, 1, "the batch is undone");
+    for id in round_two.keys() {
+        assert_eq!(claimed(*id).await, 0, "the payment is undone");
+    }
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    eprintln!("after the second reorg: {passes:?}, chain errors {errors:?}");
+    assert!(errors.is_empty(), "{errors:?}");
+    let submitted: usize = passes.iter().map(|p| p.submitted.len()).sum();
+    let resent: usize = passes.iter().map(|p| p.resent).sum();
+    assert_eq!(
+        submitted, 0,
+        "the batch went again under its nonce: {passes:?}"
+    );
+    assert!(resent >= 1, "{passes:?}");
+    assert_settled_once(&payer, &store, &expected, &HashMap::new(), before, from).await;
+    assert_eq!(operator_nonce(&anvil.url).await, 2, "two batches in all");
+    let after = pass(&mut settler).await.unwrap();
+    assert!(
+        after.submitted.is_empty(),
+        "a further pass sends nothing: {after:?}"
+    );
+    eprintln!("reorg test: {:?}", started.elapsed());
 }
