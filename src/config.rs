@@ -121,6 +121,10 @@ pub struct SettleSection {
     /// Gas one more claim adds to a batch.
     #[serde(default = "default_marginal_gas")]
     pub marginal_gas_per_claim: u64,
+    /// Gas of a batch beside its claims: claims that go on their value alone go when together
+    /// they pay for it too.
+    #[serde(default = "default_batch_base_gas")]
+    pub batch_base_gas: u64,
     /// The gas price the economics assume (wei per gas, decimal string).
     #[serde(with = "money::u128_string", default = "default_gas_price")]
     pub gas_price_wei: u128,
@@ -139,6 +143,10 @@ pub struct SettleSection {
     /// Fee raise per replacement (percent, at least 10).
     #[serde(default = "default_fee_bump")]
     pub fee_bump_percent: u128,
+    /// The first wait before the claims of a batch that would revert go again (doubling up
+    /// to ten times this; withdrawal-due claims every time this).
+    #[serde(default = "default_reverted_retry_secs")]
+    pub reverted_retry_secs: u64,
     /// Where `paystream settle` serves `/metrics` and `/healthz` (off when unset).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -167,6 +175,12 @@ fn default_profit_factor() -> crate::meter::Price {
 }
 fn default_marginal_gas() -> u64 {
     crate::settle::DEFAULT_MARGINAL_GAS_PER_CLAIM
+}
+fn default_batch_base_gas() -> u64 {
+    crate::settle::DEFAULT_BATCH_BASE_GAS
+}
+fn default_reverted_retry_secs() -> u64 {
+    crate::settle::DEFAULT_REVERTED_RETRY_SECS
 }
 fn default_gas_price() -> u128 {
     crate::settle::DEFAULT_GAS_PRICE_WEI
@@ -210,6 +224,7 @@ impl SettleSection {
                 gas_price_wei: self.gas_price_wei,
                 wei_per_base_unit: self.wei_per_base_unit,
                 marginal_gas_per_claim: self.marginal_gas_per_claim,
+                batch_base_gas: self.batch_base_gas,
                 factor: self.profit_factor,
                 max_age_secs: self.max_claim_age_secs,
                 force: false,
@@ -218,6 +233,7 @@ impl SettleSection {
             fee_bump_percent: self.fee_bump_percent,
             max_fee_per_gas_wei: self.max_fee_per_gas_wei,
             priority_fee_wei: self.priority_fee_wei,
+            reverted_retry_secs: self.reverted_retry_secs,
             ..crate::settle::SettleConfig::default()
         }
     }

@@ -1,7 +1,10 @@
 //! The settler under faults (issue 10): anvil stopped mid-batch and started again from its saved
 //! state, a proxy that drops the RPC connection, the settler SIGKILLed between submission and
 //! receipt, and a reorg that undoes unconfirmed settlements: in each, nothing is settled twice,
-//! nothing is lost, and the queue drains.
+//! nothing is lost, and the queue drains. Then what a review found (each test failed before its
+//! fix): closes and batches from one key, a payee that refuses payment for a while, an operator
+//! key revoked and granted again, the age of a claim left after a payment, and a batch that
+//! goes on value alone paying for its whole gas.
 //!
 //! Each test runs a real anvil with the contract deployed and a real redis-server on 127.0.0.1
 //! (ports chosen at run time). The payer (dev key 1) opens channels to the payee (dev key 2),
@@ -840,4 +843,376 @@ async fn a_reorg_undoes_unconfirmed_settlements() {
         "a further pass sends nothing: {after:?}"
     );
     eprintln!("reorg test: {:?}", started.elapsed());
+}
+
+/// The payee's key, to sign `Close` for handed-over closes.
+fn payee_key() -> k256::ecdsa::SigningKey {
+    k256::ecdsa::SigningKey::from_slice(dev_signer(2).to_bytes().as_slice()).unwrap()
+}
+
+/// Passes, mining a block after each, until nothing is in flight (the queue may keep claims).
+async fn settle_in_flight(settler: &mut Settler<RpcBackend, RedisStore>, node: &str) -> Vec<Pass> {
+    let mut passes = Vec::new();
+    for _ in 0..50 {
+        passes.push(pass(settler).await.unwrap());
+        if settler.store().in_flight().await.unwrap().is_empty() {
+            return passes;
+        }
+        rpc(node, "evm_mine", serde_json::json!([])).await;
+    }
+    panic!("still in flight after 50 passes: {passes:?}");
+}
+
+/// Handed-over closes and batches from one key: the close takes its nonce from the chain, not
+/// from a count its provider kept since the last close (which the batches, sent with the
+/// settler's own nonces, left behind). Before: the second close was sent under the nonce of the
+/// first batch, the node refused it ("nonce too low"), and every pass failed before planning
+/// anything, withdrawal-due claims included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_between_batches_take_the_next_nonce() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 5).await;
+    // The payee's own key sends the batches and signs the closes.
+    let backend = RpcBackend::connect(&anvil.url, dev_signer(2))
+        .await
+        .unwrap();
+    let mut settler = Settler::new(
+        Channels::at(backend, contract),
+        RedisStore::connect(&redis.url, PREFIX).await.unwrap(),
+        config(1, 1, 100),
+    )
+    .with_close_key(payee_key());
+
+    store
+        .queue_close(claim(&domain, ids[0], 1, 1_100, 1_000))
+        .await
+        .unwrap();
+    let closed = pass(&mut settler).await.unwrap();
+    assert_eq!(closed.closes, 1, "{closed:?}");
+    let expected = queue_claims(&store, &domain, &ids[1..3], 0).await;
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        passes.iter().map(|p| p.submitted.len()).sum::<usize>(),
+        1,
+        "{passes:?}"
+    );
+    for (id, amount) in &expected {
+        assert_eq!(
+            payer.read_channel(*id).await.unwrap().unwrap().claimed,
+            *amount
+        );
+    }
+
+    // A second close after the batch, and a claim beside it.
+    store
+        .queue_close(claim(&domain, ids[3], 1, 2_100, 2_000))
+        .await
+        .unwrap();
+    let later = queue_claims(&store, &domain, &ids[4..], 5_000).await;
+    let second = pass(&mut settler).await;
+    let second = second.expect("the pass after a batch closes and plans");
+    assert_eq!(second.closes, 1, "{second:?}");
+    assert_eq!(second.submitted.len(), 1, "{second:?}");
+    drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    for id in [ids[0], ids[3]] {
+        let info = payer.read_channel(id).await.unwrap().unwrap();
+        assert!(info.closed, "channel {id} closed");
+    }
+    for (id, amount) in &later {
+        assert_eq!(
+            payer.read_channel(*id).await.unwrap().unwrap().claimed,
+            *amount
+        );
+    }
+    assert!(store.closes().await.unwrap().is_empty());
+    assert!(store.skipped_claims().await.unwrap().is_empty());
+}
+
+/// A payee that refuses payment for a while (its address reverts on receiving ETH: `anvil_setCode`)
+/// is paid once it accepts again. A batch that would revert (the estimate), and one that
+/// reverted on-chain (mined after the payee turned), keep their claims queued and go again
+/// after a back-off. Before: both batches' claims were taken off the queue as `batch_reverted`,
+/// and nothing ever settled them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payee_that_refuses_payment_for_a_while_is_paid_once_it_accepts() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 4).await;
+    let from = payer.backend().block_number().await.unwrap();
+    let before = payer.backend().balance(payee()).await.unwrap();
+    let mut settle_config = config(2, 1, 100);
+    settle_config.reverted_retry_secs = 1;
+    let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
+    // PUSH1 0 PUSH1 0 REVERT: every call to the payee reverts.
+    let refuse = || {
+        anvil.rpc(
+            "anvil_setCode",
+            serde_json::json!([payee(), "0x60006000fd"]),
+        )
+    };
+    let accept = || anvil.rpc("anvil_setCode", serde_json::json!([payee(), "0x"]));
+
+    // The estimate reverts: nothing is sent, nothing leaves the queue.
+    refuse().await;
+    let mut expected = queue_claims(&store, &domain, &ids[..2], 0).await;
+    let refused = pass(&mut settler).await.unwrap();
+    assert!(refused.submitted.is_empty(), "{refused:?}");
+    assert_eq!(refused.held, 2, "{refused:?}");
+    assert_eq!(queued(&store).await, expected, "the claims stay queued");
+    assert!(store.skipped_claims().await.unwrap().is_empty());
+    // Backed off: the next pass does not try again at once.
+    accept().await;
+    let backed_off = pass(&mut settler).await.unwrap();
+    assert!(backed_off.submitted.is_empty(), "{backed_off:?}");
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    eprintln!("after the payee accepts: {passes:?}");
+
+    // Sent, then the payee turns before the block: the batch reverts on-chain.
+    anvil
+        .rpc("evm_setAutomine", serde_json::json!([false]))
+        .await;
+    let round_two = queue_claims(&store, &domain, &ids[2..], 10_000).await;
+    expected.extend(round_two.clone());
+    let sent = pass(&mut settler).await.unwrap();
+    assert_eq!(sent.submitted.len(), 1, "{sent:?}");
+    let hash = store.in_flight().await.unwrap()[0].hashes[0];
+    refuse().await;
+    let passes = settle_in_flight(&mut settler, &anvil.url).await;
+    assert_eq!(tx_mined(&anvil.url, hash).await, Some(true));
+    let receipt = rpc(
+        &anvil.url,
+        "eth_getTransactionReceipt",
+        serde_json::json!([hash]),
+    )
+    .await;
+    assert_eq!(receipt["status"], "0x0", "the batch reverted on-chain");
+    assert_eq!(
+        queued(&store).await,
+        round_two,
+        "a reverted batch's claims stay queued: {passes:?}"
+    );
+    assert!(store.skipped_claims().await.unwrap().is_empty());
+    accept().await;
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    eprintln!("after the payee accepts again: {passes:?}");
+    assert_settled_once(&payer, &store, &expected, &HashMap::new(), before, from).await;
+}
+
+/// The payee revokes the settler's operator key: the settler stops sending for it, and the
+/// claims of a batch the contract skipped as `not_payee` stay queued for whoever may claim.
+/// When the payee makes it an operator again, the settler sees it (its answer is re-read) and
+/// settles them. Before: the first answer was kept for the life of the process, the batch went
+/// out, and its skipped claims were taken off the shared queue for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_operator_leaves_the_claims_for_the_next() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let payee_chain = Channels::at(
+        RpcBackend::connect(&anvil.url, dev_signer(2))
+            .await
+            .unwrap(),
+        contract,
+    );
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 3).await;
+    let from = payer.backend().block_number().await.unwrap();
+    let before = payer.backend().balance(payee()).await.unwrap();
+    let mut settle_config = config(1, 1, 100);
+    settle_config.channel_cache_secs = 1;
+    let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
+    let mut expected = queue_claims(&store, &domain, &ids[..1], 0).await;
+    drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+
+    let revoked = payee_chain.set_operator(operator(), false).await.unwrap();
+    let round_two = queue_claims(&store, &domain, &ids[1..], 10_000).await;
+    expected.extend(round_two.clone());
+    let passes = settle_in_flight(&mut settler, &anvil.url).await;
+    eprintln!("revoked: {passes:?}");
+    assert_eq!(queued(&store).await, round_two, "nothing lost: {passes:?}");
+    assert!(store.skipped_claims().await.unwrap().is_empty());
+    let idle = pass(&mut settler).await.unwrap();
+    assert!(idle.submitted.is_empty(), "{idle:?}");
+
+    let granted = payee_chain.set_operator(operator(), true).await.unwrap();
+    let (passes, errors) = drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    eprintln!("an operator again: {passes:?}");
+    // The payee paid for its two setOperator transactions.
+    let spent =
+        fee_paid(&anvil.url, revoked.tx_hash).await + fee_paid(&anvil.url, granted.tx_hash).await;
+    assert_settled_once(
+        &payer,
+        &store,
+        &expected,
+        &HashMap::new(),
+        before - spent,
+        from,
+    )
+    .await;
+}
+
+/// What the sender of `hash` paid for it (wei).
+async fn fee_paid(url: &str, hash: B256) -> U256 {
+    let receipt = rpc(url, "eth_getTransactionReceipt", serde_json::json!([hash])).await;
+    let field = |name: &str| {
+        U256::from_str_radix(receipt[name].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    field("gasUsed") * field("effectiveGasPrice")
+}
+
+/// What a claim's queued record says about its age (`since`, unix seconds).
+async fn claim_since(store: &RedisStore, id: B256) -> u64 {
+    store
+        .queued_claims(10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|q| q.claim.channel_id == id)
+        .expect("queued")
+        .since
+}
+
+/// A claim queued two hours ago (its record's age rewritten in Redis) goes by age; a larger one
+/// is queued for the channel while the batch confirms. Once the first is paid, the larger one's
+/// age counts from then, not from the first: it waits for its value. Before: it kept the first
+/// one's age and went again at once, and a live session (a claim every minute) was settled
+/// every time, whatever its claims were worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_after_a_payment_counts_its_age_from_the_payment() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 1).await;
+    let mut settle_config = config(2, 1, 100);
+    settle_config.economics.force = false;
+    settle_config.economics.max_age_secs = 3_600;
+    // 1 wei of gas price: a claim is worth its gas from 24,000 wei; these are far below.
+    settle_config.economics.gas_price_wei = 1;
+    let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
+    store
+        .queue_claim(claim(&domain, ids[0], 1, 1_000, 1_000))
+        .await
+        .unwrap();
+    let waits = pass(&mut settler).await.unwrap();
+    assert!(waits.submitted.is_empty(), "{waits:?}");
+    // Two hours old.
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let field = ids[0].to_string();
+    let record: String = redis::cmd("HGET")
+        .arg(format!("{PREFIX}claims"))
+        .arg(&field)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (head, since) = record.rsplit_once('|').unwrap();
+    let old = since.parse::<u64>().unwrap() - 7_200;
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{PREFIX}claims"))
+        .arg(&field)
+        .arg(format!("{head}|{old}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(claim_since(&store, ids[0]).await, old);
+    let by_age = pass(&mut settler).await.unwrap();
+    assert_eq!(by_age.submitted.len(), 1, "due by age: {by_age:?}");
+    store
+        .queue_claim(claim(&domain, ids[0], 2, 3_000, 3_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        claim_since(&store, ids[0]).await,
+        old,
+        "a larger claim keeps the age"
+    );
+    let passes = settle_in_flight(&mut settler, &anvil.url).await;
+    assert_eq!(
+        payer.read_channel(ids[0]).await.unwrap().unwrap().claimed,
+        1_000,
+        "the larger claim waits for its value: {passes:?}"
+    );
+    let since = claim_since(&store, ids[0]).await;
+    assert!(
+        since > old + 3_600,
+        "the rest's age counts from the payment: since {since}, first {old}: {passes:?}"
+    );
+    let after = pass(&mut settler).await.unwrap();
+    assert!(
+        after.submitted.is_empty(),
+        "the rest waits for its value: {after:?}"
+    );
+    assert_eq!(queued(&store).await.get(&ids[0]), Some(&3_000));
+}
+
+/// A lone claim worth its marginal gas twice over, but not the gas of a whole transaction,
+/// waits; when enough claims of the payee are due together, they go in one batch whose gas
+/// costs at most half their value. Before: the lone claim went at once, and its transaction
+/// (52,733 gas for one claim) cost more than twice what it collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_goes_on_value_only_when_it_pays_for_its_whole_gas() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 5).await;
+    let mut settle_config = config(1, 1, 100);
+    settle_config.economics.force = false;
+    // Native ETH at 1 wei per gas: a claim is worth its marginal gas twice from 24,000 wei.
+    settle_config.economics.gas_price_wei = 1;
+    assert_eq!(settle_config.economics.threshold(), 24_000);
+    let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
+    let value = 50_000u128;
+    store
+        .queue_claim(claim(&domain, ids[0], 1, value, value))
+        .await
+        .unwrap();
+    let lone = pass(&mut settler).await.unwrap();
+    assert!(
+        lone.submitted.is_empty(),
+        "a lone claim does not pay for a transaction: {lone:?}"
+    );
+    assert_eq!(lone.waiting, 1, "{lone:?}");
+    for id in &ids[1..] {
+        store
+            .queue_claim(claim(&domain, *id, 1, value, value))
+            .await
+            .unwrap();
+    }
+    let together = pass(&mut settler).await.unwrap();
+    assert_eq!(together.submitted, vec![(0, 5)], "{together:?}");
+    drain(&mut settler, &anvil.url, Duration::from_secs(20)).await;
+    let gas = settler
+        .metrics()
+        .gas_used
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("5 claims of {value} wei: {gas} gas at 1 wei");
+    assert!(
+        u128::from(gas) * 2 <= 5 * value,
+        "gas {gas} is more than half of {}",
+        5 * value
+    );
 }

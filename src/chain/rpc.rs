@@ -43,7 +43,14 @@ impl RpcBackend {
             .map_err(|e| ChainError::Rpc(format!("bad RPC URL {url}: {e}")))?;
         let sender = signer.address();
         let wallet = EthereumWallet::from(signer);
+        // Nonces from the node's pending count on every send, never a local count: the
+        // settler sends with nonces of its own through the same key, which a cached count
+        // would not see (the next cooperative close would reuse a batch's nonce).
         let provider = ProviderBuilder::new()
+            .disable_recommended_fillers()
+            .with_gas_estimation()
+            .with_simple_nonce_management()
+            .fetch_chain_id()
             .wallet(wallet.clone())
             .connect_http(url)
             .erased();

@@ -56,6 +56,8 @@ pub struct Economics {
     pub wei_per_base_unit: Price,
     /// Gas one more claim adds to a batch.
     pub marginal_gas_per_claim: u64,
+    /// Gas of a batch beside its claims (the transaction, the loop, one transfer).
+    pub batch_base_gas: u64,
     /// A claim is worth settling when its value is at least this many times its marginal gas
     /// cost.
     pub factor: Price,
@@ -98,6 +100,19 @@ impl Economics {
         value > 0 && left >= right
     }
 
+    /// Whether `count` claims that go on their value alone, worth `value` base units together,
+    /// pay for their whole transaction (its base gas and theirs) by the factor:
+    /// `value × wei_per_unit ≥ factor × (base + count × marginal) × gas_price`, exactly.
+    pub fn batch_worth(&self, value: u128, count: usize) -> bool {
+        let w = self.wei_per_base_unit;
+        let f = self.factor;
+        let gas = U512::from(self.batch_base_gas)
+            + U512::from(count) * U512::from(self.marginal_gas_per_claim);
+        let left = U512::from(value) * U512::from(w.amount) * U512::from(f.per);
+        let right = U512::from(f.amount) * gas * U512::from(self.gas_price_wei) * U512::from(w.per);
+        value > 0 && left >= right
+    }
+
     /// The smallest claim (base units) worth settling on its own value.
     pub fn threshold(&self) -> u128 {
         // value ≥ f.amount × cost × w.per / (w.amount × f.per), rounded up.
@@ -127,6 +142,7 @@ mod tests {
                 per: 3_000,
             },
             marginal_gas_per_claim: 12_000,
+            batch_base_gas: 42_000,
             factor: Price { amount: 2, per: 1 },
             max_age_secs: 86_400,
             force: false,
@@ -160,6 +176,7 @@ mod tests {
             gas_price_wei: 1_000_000_000,
             wei_per_base_unit: Price { amount: 1, per: 1 },
             marginal_gas_per_claim: 11_616,
+            batch_base_gas: 42_000,
             factor: Price { amount: 3, per: 2 },
             max_age_secs: 3_600,
             force: false,
@@ -168,5 +185,19 @@ mod tests {
         assert_eq!(e.threshold(), threshold);
         assert_eq!(e.due(threshold - 1, 0, false), Due::Waits);
         assert_eq!(e.due(threshold, 0, false), Due::Worth);
+    }
+
+    #[test]
+    fn a_batch_on_value_alone_pays_for_its_whole_gas() {
+        let e = base_usdc();
+        // One claim: (42,000 + 12,000) gas at 0.006 gwei is 324,000,000,000 wei, 972 base
+        // units; twice that is 1,944.
+        assert!(!e.batch_worth(1_943, 1));
+        assert!(e.batch_worth(1_944, 1));
+        // A hundred: 1,242,000 gas, 22,356 base units; twice that is 44,712 (447.12 each,
+        // against the 432 a claim needs for its own part).
+        assert!(!e.batch_worth(44_711, 100));
+        assert!(e.batch_worth(44_712, 100));
+        assert!(!e.batch_worth(0, 0));
     }
 }

@@ -83,10 +83,15 @@ pub const DEFAULT_CHANNEL_CACHE_SECS: u64 = 30;
 /// Blocks per `eth_getLogs` call of the withdrawal watcher.
 pub const DEFAULT_LOG_RANGE_BLOCKS: u64 = 500;
 
+/// Gas of a batch beside its claims: the transaction, the loop, one transfer (52,733 for a batch
+/// of one native claim less its 11,616 marginal, measured by `scripts/gas`; rounded up).
+pub const DEFAULT_BATCH_BASE_GAS: u64 = 42_000;
+/// A batch that would revert, or reverted, is tried again after 60 s, then after twice as long
+/// each time, up to ten times as long (withdrawal-due claims: every 60 s).
+pub const DEFAULT_REVERTED_RETRY_SECS: u64 = 60;
+
 /// Queued claims one pass looks at.
 const MAX_QUEUED: usize = 100_000;
-/// Gas of a batch beside its claims (the transaction, the loop, one transfer).
-const BATCH_BASE_GAS: u64 = 45_000;
 
 /// How the settler works.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +116,12 @@ pub struct SettleConfig {
     pub priority_fee_wei: u128,
     /// Blocks per `eth_getLogs` call.
     pub log_range_blocks: u64,
-    /// How long a channel read is reused (s).
+    /// How long a channel read (and whether the key may claim for a payee) is reused (s).
     pub channel_cache_secs: u64,
+    /// The first wait (s) before the claims of a batch that would revert, or reverted, go
+    /// again; it doubles with each revert, up to ten times this (a withdrawal-due claim's never
+    /// grows).
+    pub reverted_retry_secs: u64,
 }
 
 impl Default for SettleConfig {
@@ -126,6 +135,7 @@ impl Default for SettleConfig {
                 gas_price_wei: DEFAULT_GAS_PRICE_WEI,
                 wei_per_base_unit: Price { amount: 1, per: 1 },
                 marginal_gas_per_claim: DEFAULT_MARGINAL_GAS_PER_CLAIM,
+                batch_base_gas: DEFAULT_BATCH_BASE_GAS,
                 factor: DEFAULT_PROFIT_FACTOR,
                 max_age_secs: DEFAULT_MAX_CLAIM_AGE_SECS,
                 force: false,
@@ -136,6 +146,7 @@ impl Default for SettleConfig {
             priority_fee_wei: DEFAULT_PRIORITY_FEE_WEI,
             log_range_blocks: DEFAULT_LOG_RANGE_BLOCKS,
             channel_cache_secs: DEFAULT_CHANNEL_CACHE_SECS,
+            reverted_retry_secs: DEFAULT_REVERTED_RETRY_SECS,
         }
     }
 }
@@ -181,6 +192,9 @@ pub struct Pass {
     pub waiting: usize,
     /// Cooperative closes done.
     pub closes: usize,
+    /// Claims held back, still queued: their batch would revert or reverted (a payee that
+    /// refuses payment, a paused token), and they go again after a back-off.
+    pub held: usize,
 }
 
 /// What is pending for one payee in one token (`paystream settle status`).
@@ -238,10 +252,49 @@ fn chain_claim(c: &PendingClaim) -> Claim {
 /// A claim that goes now.
 struct DueClaim {
     due: Due,
+    /// What it adds to the payee's balance.
+    value: u128,
     /// The withdrawal deadline (unix seconds) for [`Due::Withdrawal`], else `u64::MAX`.
     deadline: u64,
     since: u64,
     claim: PendingClaim,
+}
+
+/// Fees for a replacement: both raised by `percent` (at least 10%, as nodes require, and at
+/// least one wei), under `cap`. When the cap leaves no room for the 10% a node needs to replace
+/// a transaction, the fees stay: the same transaction is sent again (the node knows it), rather
+/// than a replacement every node refuses as underpriced.
+fn bump(fees: Fees, percent: u128, cap: u128) -> Fees {
+    let raise = |v: u128, pct: u128| v.saturating_mul(100 + pct).div_ceil(100).max(v + 1);
+    let max_fee = raise(fees.max_fee_per_gas, percent.max(10)).min(cap);
+    let tip = raise(fees.max_priority_fee_per_gas, percent.max(10)).min(max_fee);
+    if max_fee < raise(fees.max_fee_per_gas, 10) || tip < raise(fees.max_priority_fee_per_gas, 10) {
+        return fees;
+    }
+    Fees {
+        max_fee_per_gas: max_fee,
+        max_priority_fee_per_gas: tip,
+    }
+}
+
+/// What the chain shows for a claim that needs no batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Paid up to this `claimed`.
+    Paid(u128),
+    /// The channel is closed or withdrawn: nothing more can be claimed.
+    Closed,
+    /// No such channel.
+    Unknown,
+}
+
+/// A back-off after a batch would revert or reverted.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    /// When (unix seconds).
+    at: u64,
+    /// The wait before the next try (s).
+    wait: u64,
 }
 
 /// The batch settler over a chain sender and a store.
@@ -257,12 +310,16 @@ pub struct Settler<B, S> {
     /// nonce.
     send_lock: Option<Arc<tokio::sync::Mutex<()>>>,
     infos: HashMap<B256, (Instant, Option<ChannelInfo>)>,
-    /// Claims the chain shows paid but not yet with the configured confirmations (a settlement
-    /// whose receipt the settler lost, or another's): the amount paid and the block it was first
-    /// seen at. They leave the queue only once that block is deep enough, and go again if a
-    /// reorg undoes the payment.
-    paid_seen: HashMap<B256, (u128, u64)>,
-    may_claim: HashMap<Address, bool>,
+    /// Claims the chain shows done but not yet with the configured confirmations (paid by a
+    /// settlement whose receipt the settler lost, or by another; a channel closed, or not
+    /// found): what was seen and the head it was first seen at. They leave the queue only once
+    /// that is deep enough, read afresh every pass, and go on if a reorg (or a node that
+    /// lagged) changes the answer.
+    seen: HashMap<B256, (Seen, u64)>,
+    /// Whether this key may claim for a payee, and when that was read.
+    may_claim: HashMap<Address, (Instant, bool)>,
+    /// Channels whose claims are held back after their batch would revert or reverted.
+    held: HashMap<B256, Hold>,
     last_batch: Option<(u64, usize, Option<u64>)>,
 }
 
@@ -285,8 +342,9 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             close_key: None,
             send_lock: None,
             infos: HashMap::new(),
-            paid_seen: HashMap::new(),
+            seen: HashMap::new(),
             may_claim: HashMap::new(),
+            held: HashMap::new(),
             last_batch: None,
         }
     }
@@ -486,6 +544,13 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
                     settled.push((*channel, amount));
                     continue;
                 }
+                if *reason == SkipReason::NotPayee {
+                    // The payee revoked this key: the claim stays queued for a key it allows
+                    // (or for this one, allowed again).
+                    warn!(channel = %channel, "this key may no longer claim for the payee");
+                    self.may_claim.clear();
+                    continue;
+                }
                 self.skip(*channel, amount, reason.as_str(), now, pass)
                     .await?;
             }
@@ -507,11 +572,13 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             self.metrics.failed("out_of_gas");
         } else {
             // The batch reverted on-chain: a transfer to its payee failed (a payee that refuses
-            // ETH, a token that blacklists it). Its claims are recorded, not retried forever.
-            for c in &tx.claims {
-                self.skip(c.channel_id, c.amount, "batch_reverted", now, pass)
-                    .await?;
-            }
+            // ETH, a token paused or blacklisting it). Its claims stay queued and go again
+            // after a back-off.
+            warn!(
+                nonce = tx.nonce,
+                "settlement batch reverted, holding its claims back"
+            );
+            self.hold(&tx.claims, now, pass);
         }
         self.metrics.confirmed_batches.fetch_add(1, Relaxed);
         self.metrics.gas_used.fetch_add(gas, Relaxed);
@@ -584,7 +651,12 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     pass.closes += 1;
                 }
-                Err(e) if e.retriable() => return Err(e.into()),
+                Err(e) if e.retriable() => {
+                    // Kept for the next pass; the claims and withdrawals of this one go on.
+                    warn!(channel = %claim.channel_id, "cooperative close failed, trying again next pass: {e}");
+                    self.metrics.failed("close");
+                    break;
+                }
                 Err(e) => {
                     warn!(channel = %claim.channel_id, "cooperative close refused, claiming instead: {e}");
                     self.store.queue_claim(claim).await?;
@@ -621,8 +693,12 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
     }
 
     /// Whether this settler's key may claim for `payee` (it is the payee, or its operator).
+    /// Read again after `channel_cache_secs`: a payee may add or revoke the operator.
     async fn may_claim(&mut self, payee: Address) -> Result<bool, SettleError> {
-        if let Some(yes) = self.may_claim.get(&payee) {
+        let ttl = Duration::from_secs(self.config.channel_cache_secs);
+        if let Some((at, yes)) = self.may_claim.get(&payee)
+            && at.elapsed() < ttl
+        {
             return Ok(*yes);
         }
         let sender = self.chain.backend().sender();
@@ -630,8 +706,39 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         if !yes {
             warn!(%payee, %sender, "not this settler's payee: its claims are left for another");
         }
-        self.may_claim.insert(payee, yes);
+        self.may_claim.insert(payee, (Instant::now(), yes));
         Ok(yes)
+    }
+
+    /// Whether what the chain shows for `channel` (`seen` at `head`) has the configured
+    /// confirmations: first seen at least `confirmations` blocks ago, unchanged since.
+    fn confirmed(&mut self, channel: B256, seen: Seen, head: u64) -> bool {
+        let first = self.seen.entry(channel).or_insert((seen, head));
+        if first.0 != seen {
+            *first = (seen, head);
+        }
+        let depth = head.saturating_sub(first.1) + 1;
+        if depth >= self.config.confirmations {
+            self.seen.remove(&channel);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Holds back the claims of a batch that would revert or reverted: they stay queued and go
+    /// again after a back-off that doubles with each revert.
+    fn hold(&mut self, claims: &[PendingClaim], now: u64, pass: &mut Pass) {
+        let first = self.config.reverted_retry_secs.max(1);
+        for c in claims {
+            let wait = self.held.get(&c.channel_id).map_or(first, |h| {
+                h.wait.saturating_mul(2).min(first.saturating_mul(10))
+            });
+            self.held.insert(c.channel_id, Hold { at: now, wait });
+            self.infos.remove(&c.channel_id);
+        }
+        self.metrics.failed("batch_reverted");
+        pass.held += claims.len();
     }
 
     /// Reconciles the queue with the chain and picks what goes now, in batches of one payee
@@ -653,39 +760,39 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             if busy.contains(&claim.channel_id) {
                 continue;
             }
-            if self.paid_seen.contains_key(&claim.channel_id) {
-                // Confirming a payment: read the chain afresh (a reorg may have undone it).
+            if self.seen.contains_key(&claim.channel_id) {
+                // Confirming what the chain showed: read it afresh (a reorg may have undone it).
                 self.infos.remove(&claim.channel_id);
             }
-            let Some(info) = self.info(claim.channel_id).await? else {
-                self.skip(claim.channel_id, claim.amount, "unknown_channel", now, pass)
-                    .await?;
-                continue;
+            let info = self.info(claim.channel_id).await?;
+            // Paid already (by an earlier run whose receipt was lost, a close, or another
+            // settler), closed, or unknown: the claim leaves the queue once that is confirmed.
+            let seen = match info {
+                None => Some(Seen::Unknown),
+                Some(info) if claim.amount <= info.claimed => Some(Seen::Paid(info.claimed)),
+                Some(info) if info.closed => Some(Seen::Closed),
+                Some(_) => None,
             };
-            if claim.amount <= info.claimed {
-                // Paid already (by an earlier run whose receipt was lost, a close, or another
-                // settler): it leaves the queue once the payment has the confirmations.
-                let seen = self
-                    .paid_seen
-                    .entry(claim.channel_id)
-                    .or_insert((info.claimed, head));
-                if seen.0 != info.claimed {
-                    *seen = (info.claimed, head);
-                }
-                if head + 1 - seen.1.min(head) >= self.config.confirmations {
-                    reconciled.push((claim.channel_id, claim.amount));
-                    self.paid_seen.remove(&claim.channel_id);
-                } else {
+            if let Some(seen) = seen {
+                if !self.confirmed(claim.channel_id, seen, head) {
                     pass.confirming += 1;
+                    continue;
+                }
+                match seen {
+                    Seen::Paid(_) => reconciled.push((claim.channel_id, claim.amount)),
+                    Seen::Closed => {
+                        self.skip(claim.channel_id, claim.amount, "closed", now, pass)
+                            .await?;
+                    }
+                    Seen::Unknown => {
+                        self.skip(claim.channel_id, claim.amount, "unknown_channel", now, pass)
+                            .await?;
+                    }
                 }
                 continue;
             }
-            self.paid_seen.remove(&claim.channel_id);
-            if info.closed {
-                self.skip(claim.channel_id, claim.amount, "closed", now, pass)
-                    .await?;
-                continue;
-            }
+            self.seen.remove(&claim.channel_id);
+            let Some(info) = info else { continue };
             if !self.may_claim(info.payee).await? {
                 continue;
             }
@@ -705,12 +812,26 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
                 pass.waiting += 1;
                 continue;
             }
+            if let Some(hold) = self.held.get(&claim.channel_id) {
+                // Its last batch would revert or reverted: it waits out its back-off (a
+                // withdrawal-due one the shortest).
+                let wait = if due == Due::Withdrawal {
+                    self.config.reverted_retry_secs
+                } else {
+                    hold.wait
+                };
+                if now < hold.at.saturating_add(wait) {
+                    pass.held += 1;
+                    continue;
+                }
+            }
             pass.due += 1;
             groups
                 .entry((info.payee, info.token))
                 .or_default()
                 .push(DueClaim {
                     due,
+                    value: unsettled,
                     deadline: deadline.unwrap_or(u64::MAX),
                     since,
                     claim,
@@ -723,16 +844,34 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             .pending_value
             .store(u64::try_from(value).unwrap_or(u64::MAX), Relaxed);
         self.metrics.oldest_pending_secs.store(oldest, Relaxed);
-        // Batches: withdrawals by nearest deadline, then the oldest claims; one payee and
-        // token per batch, bounded in claims and gas.
-        let per_claim = self.config.economics.marginal_gas_per_claim.max(1);
-        let fit = ((self.config.max_batch_gas.saturating_sub(BATCH_BASE_GAS)) / per_claim).max(1)
-            as usize;
+        // Batches: withdrawals by nearest deadline, then the claims that must go (forced, by
+        // age), then those worth their gas, the oldest first; one payee and token per batch,
+        // bounded in claims and gas.
+        let economics = self.config.economics;
+        let per_claim = economics.marginal_gas_per_claim.max(1);
+        let fit = ((self
+            .config
+            .max_batch_gas
+            .saturating_sub(economics.batch_base_gas))
+            / per_claim)
+            .max(1) as usize;
         let size = self.config.max_batch_claims.clamp(1, fit);
         let mut batches: Vec<(u64, Vec<PendingClaim>)> = Vec::new();
         for (_, mut claims) in groups {
-            claims.sort_by_key(|d| (d.deadline, d.since));
+            claims.sort_by_key(|d| (d.deadline, d.due == Due::Worth, d.since));
             for chunk in claims.chunks(size) {
+                if chunk.iter().all(|d| d.due == Due::Worth) {
+                    // Claims that go on their value alone go when together they pay for the
+                    // whole transaction, not only for their own part of it.
+                    let value = chunk
+                        .iter()
+                        .fold(0u128, |sum, d| sum.saturating_add(d.value));
+                    if !economics.batch_worth(value, chunk.len()) {
+                        pass.due -= chunk.len();
+                        pass.waiting += chunk.len();
+                        continue;
+                    }
+                }
                 let urgency = chunk.iter().map(|d| d.deadline).min().unwrap_or(u64::MAX);
                 debug!(
                     claims = chunk.len(),
@@ -757,17 +896,12 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         })
     }
 
-    /// Fees for a replacement: both raised by the configured percent (at least 10%, as nodes
-    /// require, and at least one wei), under the cap.
     fn bump(&self, fees: Fees) -> Fees {
-        let pct = self.config.fee_bump_percent.max(10);
-        let raise = |v: u128| v.saturating_mul(100 + pct) / 100 + 1;
-        let cap = self.config.max_fee_per_gas_wei;
-        let max_fee = raise(fees.max_fee_per_gas).min(cap);
-        Fees {
-            max_fee_per_gas: max_fee,
-            max_priority_fee_per_gas: raise(fees.max_priority_fee_per_gas).min(max_fee),
-        }
+        bump(
+            fees,
+            self.config.fee_bump_percent,
+            self.config.max_fee_per_gas_wei,
+        )
     }
 
     /// The next nonce: the chain's pending count, or past this settler's own transactions in
@@ -788,25 +922,29 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
 
     /// Records, then broadcasts, a transaction (sent again under its nonce when it has hashes).
     async fn broadcast(&mut self, tx: &mut InFlight, now: u64) -> Result<(), SettleError> {
+        let _guard = self.lock_sends().await;
+        self.broadcast_locked(tx, now).await
+    }
+
+    /// [`Self::broadcast`], the send lock held by the caller.
+    async fn broadcast_locked(&mut self, tx: &mut InFlight, now: u64) -> Result<(), SettleError> {
         let claims: Vec<Claim> = tx.claims.iter().map(chain_claim).collect();
         let request = self.chain.settle_tx(&claims);
         tx.last_sent = now;
         // Written before the send: a crash after it finds the transaction on restart.
         self.store.save_in_flight(tx).await?;
-        let hash = {
-            let _guard = self.lock_sends().await;
-            self.chain
-                .backend()
-                .broadcast(
-                    request,
-                    TxParams {
-                        nonce: tx.nonce,
-                        gas_limit: tx.gas_limit,
-                        fees: tx.fees,
-                    },
-                )
-                .await?
-        };
+        let hash = self
+            .chain
+            .backend()
+            .broadcast(
+                request,
+                TxParams {
+                    nonce: tx.nonce,
+                    gas_limit: tx.gas_limit,
+                    fees: tx.fees,
+                },
+            )
+            .await?;
         if !tx.hashes.contains(&hash) {
             tx.hashes.push(hash);
         }
@@ -827,22 +965,23 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         let gas = match self.chain.backend().estimate_gas(&request).await {
             Ok(gas) => gas.saturating_mul(6) / 5 + 10_000,
             Err(e) if !e.retriable() => {
-                // The whole batch would revert: a transfer to its payee fails. Recorded, and
-                // not retried (the claims stay valid: the operator can queue them again).
-                warn!("settlement batch would revert: {e}");
-                for c in &batch {
-                    self.skip(c.channel_id, c.amount, "batch_reverted", now, pass)
-                        .await?;
-                }
+                // The whole batch would revert: a transfer to its payee fails (a payee that
+                // refuses payment, a token paused or blacklisting it). Often for a while only:
+                // the claims stay queued and go again after a back-off.
+                warn!(
+                    claims = batch.len(),
+                    "settlement batch would revert, holding its claims back: {e}"
+                );
+                self.hold(&batch, now, pass);
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
         let fees = self.fees().await?;
-        let nonce = {
-            let _guard = self.lock_sends().await;
-            self.take_nonce().await?
-        };
+        // The nonce is taken and used under one hold of the send lock: a close the server
+        // sends meanwhile would take the same pending count.
+        let guard = self.lock_sends().await;
+        let nonce = self.take_nonce().await?;
         let mut tx = InFlight {
             nonce,
             hashes: Vec::new(),
@@ -858,7 +997,8 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             gas,
             "submitting a settlement batch"
         );
-        self.broadcast(&mut tx, now).await?;
+        self.broadcast_locked(&mut tx, now).await?;
+        drop(guard);
         self.metrics.batches.fetch_add(1, Relaxed);
         self.metrics
             .batch_claims
@@ -928,5 +1068,41 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             skipped,
             worth_threshold: self.config.economics.threshold().to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fees(max: u128, tip: u128) -> Fees {
+        Fees {
+            max_fee_per_gas: max,
+            max_priority_fee_per_gas: tip,
+        }
+    }
+
+    #[test]
+    fn a_replacement_raises_both_fees_by_the_percent() {
+        assert_eq!(bump(fees(1_000, 100), 25, 10_000), fees(1_250, 125));
+        // At least the 10% nodes need, and at least one wei.
+        assert_eq!(bump(fees(1_000, 100), 5, 10_000), fees(1_100, 110));
+        assert_eq!(bump(fees(3, 1), 25, 10_000), fees(4, 2));
+    }
+
+    #[test]
+    fn a_replacement_stays_under_the_cap() {
+        assert_eq!(bump(fees(1_000, 100), 25, 1_200), fees(1_200, 125));
+        // The tip never exceeds the max fee.
+        assert_eq!(bump(fees(1_000, 1_000), 25, 1_200), fees(1_200, 1_200));
+    }
+
+    #[test]
+    fn no_replacement_nodes_would_refuse_at_the_cap() {
+        // 1,050 is not 10% above 1,000: the same transaction goes again.
+        assert_eq!(bump(fees(1_000, 100), 25, 1_050), fees(1_000, 100));
+        assert_eq!(bump(fees(1_000, 100), 25, 1_000), fees(1_000, 100));
+        // The tip capped by a max fee too close to it.
+        assert_eq!(bump(fees(1_000, 1_000), 25, 1_050), fees(1_000, 1_000));
     }
 }

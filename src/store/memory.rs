@@ -165,13 +165,16 @@ impl ChannelStore for MemoryStore {
 
 impl MemoryStore {
     /// Removes the claim of `channel` if it is for at most `amount`.
+    /// Removes the claim queued for `channel` if it is for at most `amount`; a larger one stays,
+    /// its age counted from now (as in Redis).
     fn settle_claim(&self, channel: B256, amount: u128) {
         let mut claims = lock(&self.inner.claims);
-        if claims
-            .get(&channel)
-            .is_some_and(|q| q.claim.amount <= amount)
-        {
-            claims.remove(&channel);
+        match claims.get_mut(&channel) {
+            Some(q) if q.claim.amount <= amount => {
+                claims.remove(&channel);
+            }
+            Some(q) => q.since = unix_now(),
+            None => {}
         }
     }
 }

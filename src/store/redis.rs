@@ -65,16 +65,22 @@ end
 return 1
 "#;
 
-/// Removes each claim (`ARGV` pairs: channel, amount) queued for at most that amount; with a
-/// second key, records each removed one there as skipped (`ARGV[last]`: the record's tail).
+/// Removes each claim (`ARGV` pairs after `ARGV[1]`, the time: channel, amount) queued for at
+/// most that amount; a larger one, queued since, stays, its age counted from now (what is left
+/// of it started waiting with this payment). With a second key, records each one there as
+/// skipped (`ARGV[last]`: the record's tail).
 const CLAIMS_SETTLED: &str = r#"
 local n = #ARGV
 local tail = nil
 if #KEYS == 2 then tail = ARGV[n]; n = n - 1 end
-for i = 1, n, 2 do
+for i = 2, n, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  if cur and string.sub(cur, 1, 39) <= ARGV[i + 1] then
-    redis.call('HDEL', KEYS[1], ARGV[i])
+  if cur then
+    if string.sub(cur, 1, 39) <= ARGV[i + 1] then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], (string.gsub(cur, '|[0-9]+$', '|' .. ARGV[1])))
+    end
   end
   if tail then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1] .. '|' .. tail) end
 end
@@ -394,6 +400,7 @@ impl SettlementStore for RedisStore {
         }
         let mut conn = self.conn.clone();
         let mut invocation = self.claims_settled.key(self.claims_key());
+        invocation.arg(unix_now());
         for (channel, amount) in settled {
             invocation.arg(channel.to_string()).arg(pad_u128(*amount));
         }
@@ -410,6 +417,7 @@ impl SettlementStore for RedisStore {
             .claims_settled
             .key(self.claims_key())
             .key(self.key("settle:skipped"))
+            .arg(unix_now())
             .arg(skipped.channel_id.to_string())
             .arg(pad_u128(skipped.amount))
             .arg(format!("{}|{}", skipped.reason, skipped.at))
