@@ -15,10 +15,12 @@
 //!    ignores `amount <= claimed`).
 //! 3. **Cooperative closes** handed over by a server without a key.
 //! 4. **Plan**: every queued claim is reconciled with the chain's `claimed` (a claim already
-//!    paid leaves the queue, a closed channel's is recorded as skipped), and goes now if its
-//!    payer asked to withdraw (nearest deadline first), if it is older than the configured age,
-//!    if the operator forces it, or if its value pays for its marginal gas by the configured
-//!    factor ([`Economics`]); the rest waits and grows.
+//!    paid leaves the queue, a closed or unknown channel's is recorded as skipped, each once
+//!    that has the confirmations), and goes now if its payer asked to withdraw (nearest
+//!    deadline first), if it is older than the configured age, if the operator forces it, or if
+//!    its value pays for its marginal gas by the configured factor ([`Economics`]) and the
+//!    batch it goes in pays for its whole gas; the rest waits and grows. A batch that would
+//!    revert, or reverted, keeps its claims queued: they go again after a back-off.
 //! 5. **Submit**: due claims are grouped by payee and token, one payee per transaction (a payee
 //!    that refuses payment reverts only its own batch), in batches bounded in claims and gas,
 //!    with the settler's own nonces and EIP-1559 fees under a cap.
