@@ -1216,3 +1216,33 @@ async fn a_batch_goes_on_value_only_when_it_pays_for_its_whole_gas() {
         5 * value
     );
 }
+
+/// A withdrawal-due claim goes even when the queue holds more claims than a pass looks at
+/// (lowered here to one): it is looked up by its channel, not found by the scan. Before: the
+/// scan stopped at the limit, and a claim past it waited while its payer's deadline ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_due_claim_goes_past_the_scan_limit() {
+    let anvil = Anvil::start();
+    let redis = Redis::start();
+    let contract = deploy(&anvil.url).await;
+    let payer = payer(&anvil.url, contract).await;
+    let domain = ChannelDomain::new(payer.backend().chain_id(), contract);
+    let store = RedisStore::connect(&redis.url, PREFIX).await.unwrap();
+    let ids = open_channels(&payer, 1, 3).await;
+    let mut settle_config = config(1, 1, 100);
+    settle_config.economics.force = false;
+    settle_config.max_queued_claims = 1;
+    let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
+    // Small claims (far below the threshold), the last one queued last.
+    let expected = queue_claims(&store, &domain, &ids, 0).await;
+    let idle = pass(&mut settler).await.unwrap();
+    assert!(idle.submitted.is_empty(), "{idle:?}");
+    payer.request_withdraw(ids[2]).await.unwrap();
+    let urgent = pass(&mut settler).await.unwrap();
+    assert_eq!(urgent.submitted, vec![(0, 1)], "{urgent:?}");
+    settle_in_flight(&mut settler, &anvil.url).await;
+    let info = payer.read_channel(ids[2]).await.unwrap().unwrap();
+    assert_eq!(info.claimed, expected[&ids[2]]);
+    let left = queued(&store).await;
+    assert_eq!(left.len(), 2, "the others wait: {left:?}");
+}

@@ -1,5 +1,6 @@
 //! The store contract (compare-and-set on the nonce and the cumulative, consumption only rises
-//! and is kept exactly, a close consent is kept, claims keep the larger amount) on a real redis-server, and the same on the memory store; a stopped Redis
+//! and is kept exactly, a close consent is kept, claims keep the larger amount) and the
+//! settler's records on a real redis-server, and the same on the memory store; a stopped Redis
 //! reports `store_unavailable` and a restarted one is used again.
 
 mod common;
@@ -7,11 +8,14 @@ mod common;
 use alloy::primitives::{B256, Signature, U256};
 use common::redis::Redis;
 use k256::ecdsa::SigningKey;
+use paystream::chain::Fees;
 use paystream::channel::signature;
 use paystream::meter::Exact;
 use paystream::store::memory::MemoryStore;
 use paystream::store::redis::RedisStore;
-use paystream::store::{ChannelStore, PendingClaim, StoreError, StoredVoucher};
+use paystream::store::{
+    ChannelStore, InFlight, PendingClaim, SettlementStore, SkippedClaim, StoreError, StoredVoucher,
+};
 
 fn sig(n: u8) -> Signature {
     let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
@@ -118,11 +122,106 @@ async fn contract<S: ChannelStore>(store: &S) {
     store.ping().await.unwrap();
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn pending(channel: u8, amount: u128) -> PendingClaim {
+    PendingClaim {
+        channel_id: B256::repeat_byte(channel),
+        voucher: voucher(amount as u64, amount),
+        amount,
+    }
+}
+
+/// The settler's records: the queue (settled claims leave it only up to what was paid, a larger
+/// one stays with its age counted from the payment; claims looked up by channel), skips, the
+/// transactions in flight, the watcher's cursor, withdrawals and handed-over closes.
+async fn settlement_contract<S: ChannelStore + SettlementStore>(store: &S) {
+    let (a, b, c) = (
+        B256::repeat_byte(0xa),
+        B256::repeat_byte(0xb),
+        B256::repeat_byte(0xc),
+    );
+    let before = unix_now();
+    store.queue_claim(pending(0xa, 100)).await.unwrap();
+    store.queue_claim(pending(0xb, 200)).await.unwrap();
+    let mut queued = store.queued_claims(10).await.unwrap();
+    queued.sort_by_key(|q| q.claim.channel_id);
+    assert_eq!(queued.len(), 2);
+    assert_eq!(queued[0].claim, pending(0xa, 100));
+    assert!(queued[0].since >= before && queued[0].since <= unix_now());
+    // Looked up by channel: those without a claim are left out.
+    let found = store.queued_claims_of(&[c, b]).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].claim, pending(0xb, 200));
+    assert!(store.queued_claims_of(&[]).await.unwrap().is_empty());
+    // Paid up to 100 on a, 150 on b (a claim for 200 was queued meanwhile): b stays.
+    store.claims_settled(&[(a, 100), (b, 150)]).await.unwrap();
+    let queued = store.queued_claims(10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].claim, pending(0xb, 200));
+    assert!(queued[0].since >= before);
+    // Skipped: recorded, and off the queue (at most the amount skipped).
+    store
+        .claim_skipped(SkippedClaim {
+            channel_id: b,
+            amount: 200,
+            reason: "bad_signature".into(),
+            at: 7,
+        })
+        .await
+        .unwrap();
+    assert!(store.queued_claims(10).await.unwrap().is_empty());
+    assert_eq!(
+        store.skipped_claims().await.unwrap(),
+        vec![SkippedClaim {
+            channel_id: b,
+            amount: 200,
+            reason: "bad_signature".into(),
+            at: 7,
+        }]
+    );
+    // In flight, by nonce.
+    let tx = InFlight {
+        nonce: 3,
+        hashes: vec![B256::repeat_byte(9)],
+        claims: vec![pending(0xc, 5)],
+        fees: Fees {
+            max_fee_per_gas: 20,
+            max_priority_fee_per_gas: 2,
+        },
+        gas_limit: 100_000,
+        first_sent: 1,
+        last_sent: 2,
+    };
+    store.save_in_flight(&tx).await.unwrap();
+    assert_eq!(store.in_flight().await.unwrap(), vec![tx.clone()]);
+    store.remove_in_flight(3).await.unwrap();
+    assert!(store.in_flight().await.unwrap().is_empty());
+    // The cursor, withdrawals and closes.
+    assert_eq!(store.watch_cursor().await.unwrap(), None);
+    store.set_watch_cursor(42).await.unwrap();
+    assert_eq!(store.watch_cursor().await.unwrap(), Some(42));
+    store.add_withdrawal(c, 1_000).await.unwrap();
+    assert_eq!(store.withdrawals().await.unwrap(), vec![(c, 1_000)]);
+    store.remove_withdrawal(c).await.unwrap();
+    assert!(store.withdrawals().await.unwrap().is_empty());
+    store.queue_close(pending(0xc, 5)).await.unwrap();
+    assert_eq!(store.closes().await.unwrap(), vec![pending(0xc, 5)]);
+    store.remove_close(c).await.unwrap();
+    assert!(store.closes().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn redis_store_keeps_the_contract() {
     let redis = Redis::start();
     let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
     contract(&store).await;
+    settlement_contract(&RedisStore::connect(&redis.url, "settle:").await.unwrap()).await;
     // A second prefix is a separate namespace.
     let other = RedisStore::connect(&redis.url, "other:").await.unwrap();
     assert_eq!(other.load(B256::repeat_byte(1)).await.unwrap(), None);
@@ -131,6 +230,7 @@ async fn redis_store_keeps_the_contract() {
 #[tokio::test]
 async fn memory_store_keeps_the_contract() {
     contract(&MemoryStore::new()).await;
+    settlement_contract(&MemoryStore::new()).await;
 }
 
 #[tokio::test]

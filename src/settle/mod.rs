@@ -92,8 +92,8 @@ pub const DEFAULT_BATCH_BASE_GAS: u64 = 42_000;
 /// each time, up to ten times as long (withdrawal-due claims: every 60 s).
 pub const DEFAULT_REVERTED_RETRY_SECS: u64 = 60;
 
-/// Queued claims one pass looks at.
-const MAX_QUEUED: usize = 100_000;
+/// Queued claims one pass looks at (withdrawal-due ones are looked up beside them).
+pub const DEFAULT_MAX_QUEUED_CLAIMS: usize = 100_000;
 
 /// How the settler works.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +120,9 @@ pub struct SettleConfig {
     pub log_range_blocks: u64,
     /// How long a channel read (and whether the key may claim for a payee) is reused (s).
     pub channel_cache_secs: u64,
+    /// Queued claims one pass looks at; the claims of channels whose payer asked to withdraw
+    /// are looked up first, beside them.
+    pub max_queued_claims: usize,
     /// The first wait (s) before the claims of a batch that would revert, or reverted, go
     /// again; it doubles with each revert, up to ten times this (a withdrawal-due claim's never
     /// grows).
@@ -149,6 +152,7 @@ impl Default for SettleConfig {
             log_range_blocks: DEFAULT_LOG_RANGE_BLOCKS,
             channel_cache_secs: DEFAULT_CHANNEL_CACHE_SECS,
             reverted_retry_secs: DEFAULT_REVERTED_RETRY_SECS,
+            max_queued_claims: DEFAULT_MAX_QUEUED_CLAIMS,
         }
     }
 }
@@ -753,8 +757,19 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         pass: &mut Pass,
     ) -> Result<Vec<Vec<PendingClaim>>, SettleError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let queued = self.store.queued_claims(MAX_QUEUED).await?;
         let withdrawals: HashMap<B256, u64> = self.store.withdrawals().await?.into_iter().collect();
+        // The withdrawal-due claims first, wherever they are in the queue; then a bounded scan.
+        let urgent: Vec<B256> = withdrawals.keys().copied().collect();
+        let mut queued = self.store.queued_claims_of(&urgent).await?;
+        let scanned = self
+            .store
+            .queued_claims(self.config.max_queued_claims.max(1))
+            .await?;
+        queued.extend(
+            scanned
+                .into_iter()
+                .filter(|q| !withdrawals.contains_key(&q.claim.channel_id)),
+        );
         let mut reconciled = Vec::new();
         let mut groups: BTreeMap<(Address, Address), Vec<DueClaim>> = BTreeMap::new();
         let (mut pending, mut value, mut oldest) = (0u64, 0u128, 0u64);
@@ -1015,7 +1030,11 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         let now = unix_now();
         let withdrawals: HashMap<B256, u64> = self.store.withdrawals().await?.into_iter().collect();
         let mut pending: BTreeMap<(Address, Address), (Pending, u128)> = BTreeMap::new();
-        for QueuedClaim { claim, since } in self.store.queued_claims(MAX_QUEUED).await? {
+        for QueuedClaim { claim, since } in self
+            .store
+            .queued_claims(self.config.max_queued_claims.max(1))
+            .await?
+        {
             let Some(info) = self.info(claim.channel_id).await? else {
                 continue;
             };

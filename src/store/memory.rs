@@ -189,6 +189,15 @@ impl SettlementStore for MemoryStore {
             .collect())
     }
 
+    async fn queued_claims_of(&self, channels: &[B256]) -> Result<Vec<QueuedClaim>, StoreError> {
+        self.up()?;
+        let claims = lock(&self.inner.claims);
+        Ok(channels
+            .iter()
+            .filter_map(|c| claims.get(c).copied())
+            .collect())
+    }
+
     async fn claims_settled(&self, settled: &[(B256, u128)]) -> Result<(), StoreError> {
         self.up()?;
         for (channel, amount) in settled {

@@ -394,6 +394,30 @@ impl SettlementStore for RedisStore {
             .collect()
     }
 
+    async fn queued_claims_of(&self, channels: &[B256]) -> Result<Vec<QueuedClaim>, StoreError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.claims_key();
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        for chunk in channels.chunks(1_000) {
+            let fields: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+            let values: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(&fields)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for (field, value) in fields.iter().zip(values) {
+                if let Some(value) = value {
+                    out.push(parse_claim(&key, field, &value)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn claims_settled(&self, settled: &[(B256, u128)]) -> Result<(), StoreError> {
         if settled.is_empty() {
             return Ok(());

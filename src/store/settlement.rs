@@ -66,6 +66,12 @@ pub trait SettlementStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<QueuedClaim>, StoreError>> + Send;
 
+    /// The claims queued for these channels (those with none are left out).
+    fn queued_claims_of(
+        &self,
+        channels: &[B256],
+    ) -> impl Future<Output = Result<Vec<QueuedClaim>, StoreError>> + Send;
+
     /// The chain shows these channels paid up to these amounts: each claim queued for at most
     /// that much leaves the queue (a larger one, queued since, stays).
     fn claims_settled(
