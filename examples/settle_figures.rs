@@ -15,7 +15,7 @@ use paystream::chain::{Backend, ChannelChain, Channels};
 use paystream::channel::{ChannelDomain, ChannelState, signature};
 use paystream::settle::{SettleConfig, Settler};
 use paystream::store::redis::RedisStore;
-use paystream::store::{ChannelStore, PendingClaim, StoredVoucher};
+use paystream::store::{ChannelStore, Fence, PendingClaim, StoredVoucher};
 
 const KEYS: [&str; 4] = [
     "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
             .open(payee_address, Address::ZERO, salt, 1_000_000, 3_600)
             .await?;
         let amount = 1 + (i as u128 % 997);
-        store.queue_claim(claim_on(id, amount)).await?;
+        store.queue_claim(claim_on(id, amount), Fence::NONE).await?;
         queued.push(amount);
     }
     // Throughput: every claim due (forced), 100 per batch, one confirmation (anvil mines each
@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
     let queued_at = Instant::now();
-    store.queue_claim(claim_on(id, 5)).await?;
+    store.queue_claim(claim_on(id, 5), Fence::NONE).await?;
     while payee.read_channel(id).await?.map_or(0, |c| c.claimed) < 5
         || !store.pending_claims(1).await?.is_empty()
     {

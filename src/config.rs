@@ -243,10 +243,12 @@ impl SettleSection {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// `redis` (production) or `memory` (tests and demos: not durable).
+    /// `redis` (production, one Redis), `redis_cluster` (a Redis Cluster) or `memory` (tests
+    /// and demos: not durable, one process).
     #[serde(default = "default_store_kind")]
     pub kind: String,
-    /// Redis URL (`PAYSTREAM_REDIS_URL`).
+    /// Redis URL (`PAYSTREAM_REDIS_URL`); with `redis_cluster`, a comma-separated list of
+    /// some of the cluster's nodes (any one reachable is enough to find the rest).
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
     /// Key prefix.
@@ -411,6 +413,9 @@ pub struct LimitsSection {
     pub watch_interval_ms: Option<u64>,
     /// Blocks per `eth_getLogs` call.
     pub log_range_blocks: Option<u64>,
+    /// How long a channel's lease lives in the store unless renewed (renewed every third of
+    /// it; a crashed process's channels are free for resumes elsewhere after it).
+    pub lease_ttl_ms: Option<u64>,
 }
 
 impl Default for LimitsSection {
@@ -446,6 +451,7 @@ impl LimitsSection {
                 .unwrap_or(d.max_failed_opens_per_ip_per_min),
             watch_interval_ms: self.watch_interval_ms.unwrap_or(d.watch_interval_ms),
             log_range_blocks: self.log_range_blocks.unwrap_or(d.log_range_blocks),
+            lease_ttl_ms: self.lease_ttl_ms.unwrap_or(d.lease_ttl_ms),
             ..d
         }
     }
@@ -531,8 +537,17 @@ impl ServeConfig {
                 reason: reason.into(),
             })
         };
-        if !matches!(self.store.kind.as_str(), "redis" | "memory") {
-            return invalid("store.kind", "must be \"redis\" or \"memory\"");
+        if !matches!(
+            self.store.kind.as_str(),
+            "redis" | "redis_cluster" | "memory"
+        ) {
+            return invalid(
+                "store.kind",
+                "must be \"redis\", \"redis_cluster\" or \"memory\"",
+            );
+        }
+        if self.limits.lease_ttl_ms.is_some_and(|ms| ms < 300) {
+            return invalid("limits.lease_ttl_ms", "must be at least 300");
         }
         if self.tariff.is_free() {
             return invalid(

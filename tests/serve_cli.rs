@@ -57,6 +57,10 @@ kind = "token_generator"
         .env("PAYSTREAM_RPC_URL", &anvil.url)
         .env("PAYSTREAM_CONTRACT", contract.to_string())
         .env("PAYSTREAM_REDIS_URL", &redis.url)
+        .env(
+            "PAYSTREAM_JWT_SECRET",
+            "a shared secret of at least 32 bytes, for tests",
+        )
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -95,6 +99,60 @@ kind = "token_generator"
     let exit = child.wait().unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With a Redis store, `serve` refuses to start without the shared resume token secret (a
+/// made-up one would refuse every token after a restart), and says what to set; a file holding
+/// it is taken too, and a short one is refused.
+#[test]
+fn serve_on_redis_needs_a_shared_token_secret() {
+    let dir = common::faults::TempDir::new("serve-secret");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        r#"
+listen = "127.0.0.1:1"
+[chain]
+rpc_url = "http://127.0.0.1:1"
+contract = "0x0000000000000000000000000000000000000001"
+[tariff]
+perMessage = { amount = "3", per = "1000" }
+[resources.tokens]
+kind = "token_generator"
+"#,
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_paystream"));
+        cmd.args(["serve", "--config", config.to_str().unwrap()])
+            .env("PAYSTREAM_PAYEE_KEY", DEV_KEYS[2])
+            .env_remove("PAYSTREAM_JWT_SECRET")
+            .env_remove("PAYSTREAM_JWT_SECRET_FILE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("PAYSTREAM_JWT_SECRET") && stderr.contains("PAYSTREAM_JWT_SECRET_FILE"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(&[("PAYSTREAM_JWT_SECRET", "too short")]);
+    assert!(!ok);
+    assert!(stderr.contains("at least 32 bytes"), "{stderr}");
+    // From a file, the secret is found: serve goes on to the chain (unreachable here).
+    let secret = dir.path().join("jwt");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let (ok, stderr) = run(&[("PAYSTREAM_JWT_SECRET_FILE", secret.to_str().unwrap())]);
+    assert!(!ok);
+    assert!(!stderr.contains("PAYSTREAM_JWT_SECRET"), "{stderr}");
+    assert!(stderr.contains("connecting to"), "{stderr}");
 }
 
 async fn http_get(port: u16, path: &str) -> String {

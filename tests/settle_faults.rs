@@ -33,7 +33,7 @@ use paystream::chain::{Backend, ChainError, ChannelChain, Channels};
 use paystream::channel::{ChannelDomain, ChannelState, signature};
 use paystream::settle::{Pass, SettleConfig, SettleError, Settler};
 use paystream::store::redis::RedisStore;
-use paystream::store::{ChannelStore, PendingClaim, SettlementStore, StoredVoucher};
+use paystream::store::{ChannelStore, Fence, PendingClaim, SettlementStore, StoredVoucher};
 
 const DEPOSIT: u128 = 1_000_000;
 const PREFIX: &str = "ps:";
@@ -121,7 +121,7 @@ async fn queue_claims(
     for (i, id) in ids.iter().enumerate() {
         let amount = base + 1_000 * (i as u128 + 1) + i as u128;
         store
-            .queue_claim(claim(domain, *id, 1, amount + 100, amount))
+            .queue_claim(claim(domain, *id, 1, amount + 100, amount), Fence::NONE)
             .await
             .unwrap();
         expected.insert(*id, amount);
@@ -681,7 +681,7 @@ tokens_per_sec = 0
     // Meanwhile a session on the first channel went on: its claim grows.
     let grown = expected[&ids[0]] + 5_000;
     store
-        .queue_claim(claim(&domain, ids[0], 2, grown, grown))
+        .queue_claim(claim(&domain, ids[0], 2, grown, grown), Fence::NONE)
         .await
         .unwrap();
     expected.insert(ids[0], grown);
@@ -1108,7 +1108,7 @@ async fn a_claim_left_after_a_payment_counts_its_age_from_the_payment() {
     settle_config.economics.gas_price_wei = 1;
     let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
     store
-        .queue_claim(claim(&domain, ids[0], 1, 1_000, 1_000))
+        .queue_claim(claim(&domain, ids[0], 1, 1_000, 1_000), Fence::NONE)
         .await
         .unwrap();
     let waits = pass(&mut settler).await.unwrap();
@@ -1139,7 +1139,7 @@ async fn a_claim_left_after_a_payment_counts_its_age_from_the_payment() {
     let by_age = pass(&mut settler).await.unwrap();
     assert_eq!(by_age.submitted.len(), 1, "due by age: {by_age:?}");
     store
-        .queue_claim(claim(&domain, ids[0], 2, 3_000, 3_000))
+        .queue_claim(claim(&domain, ids[0], 2, 3_000, 3_000), Fence::NONE)
         .await
         .unwrap();
     assert_eq!(
@@ -1187,7 +1187,7 @@ async fn a_batch_goes_on_value_only_when_it_pays_for_its_whole_gas() {
     let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
     let value = 50_000u128;
     store
-        .queue_claim(claim(&domain, ids[0], 1, value, value))
+        .queue_claim(claim(&domain, ids[0], 1, value, value), Fence::NONE)
         .await
         .unwrap();
     let lone = pass(&mut settler).await.unwrap();
@@ -1198,7 +1198,7 @@ async fn a_batch_goes_on_value_only_when_it_pays_for_its_whole_gas() {
     assert_eq!(lone.waiting, 1, "{lone:?}");
     for id in &ids[1..] {
         store
-            .queue_claim(claim(&domain, *id, 1, value, value))
+            .queue_claim(claim(&domain, *id, 1, value, value), Fence::NONE)
             .await
             .unwrap();
     }

@@ -1,12 +1,15 @@
 //! The store contract (compare-and-set on the nonce and the cumulative, consumption only rises
-//! and is kept exactly, a close consent is kept, claims keep the larger amount) and the
-//! settler's records on a real redis-server, and the same on the memory store; a stopped Redis
-//! reports `store_unavailable` and a restarted one is used again.
+//! and is kept exactly, a close consent is kept, claims keep the larger amount; leases with
+//! fencing, session records and one-time resume tokens) and the settler's records: one shared
+//! suite, run on a real redis-server, on a real three-master Redis Cluster, and on the memory
+//! store; a stopped Redis reports `store_unavailable` and a restarted one is used again.
 
 mod common;
 
 use alloy::primitives::{B256, Signature, U256};
-use common::redis::Redis;
+use std::time::Duration;
+
+use common::redis::{Redis, RedisCluster};
 use k256::ecdsa::SigningKey;
 use paystream::chain::Fees;
 use paystream::channel::signature;
@@ -14,7 +17,8 @@ use paystream::meter::Exact;
 use paystream::store::memory::MemoryStore;
 use paystream::store::redis::RedisStore;
 use paystream::store::{
-    ChannelStore, InFlight, PendingClaim, SettlementStore, SkippedClaim, StoreError, StoredVoucher,
+    ChannelStore, Fence, InFlight, LeaseStatus, PendingClaim, Resumed, SessionRecord, SessionWrite,
+    SettlementStore, SkippedClaim, StoreError, StoredVoucher,
 };
 
 fn sig(n: u8) -> Signature {
@@ -33,19 +37,22 @@ fn voucher(nonce: u64, cumulative: u128) -> StoredVoucher {
 async fn contract<S: ChannelStore>(store: &S) {
     let id = B256::repeat_byte(1);
     assert_eq!(store.load(id).await.unwrap(), None);
-    store.save_voucher(id, voucher(5, 100)).await.unwrap();
+    store
+        .save_voucher(id, voucher(5, 100), Fence::NONE)
+        .await
+        .unwrap();
     // Compare-and-set: equal and lower nonces are refused and change nothing.
     assert_eq!(
-        store.save_voucher(id, voucher(5, 200)).await,
+        store.save_voucher(id, voucher(5, 200), Fence::NONE).await,
         Err(StoreError::StaleNonce { got: 5, stored: 5 })
     );
     assert_eq!(
-        store.save_voucher(id, voucher(4, 300)).await,
+        store.save_voucher(id, voucher(4, 300), Fence::NONE).await,
         Err(StoreError::StaleNonce { got: 4, stored: 5 })
     );
     // ... and so is a higher nonce with a lower cumulative (a state signed out of order).
     assert_eq!(
-        store.save_voucher(id, voucher(6, 99)).await,
+        store.save_voucher(id, voucher(6, 99), Fence::NONE).await,
         Err(StoreError::CumulativeDecreased {
             got: 99,
             stored: 100
@@ -55,14 +62,17 @@ async fn contract<S: ChannelStore>(store: &S) {
     assert_eq!(loaded.voucher, voucher(5, 100));
     assert_eq!(loaded.closing, None);
     // Nonces compare as numbers, also across digit counts and above 2^53.
-    store.save_voucher(id, voucher(10, 100)).await.unwrap();
     store
-        .save_voucher(id, voucher(u64::MAX - 1, u128::MAX))
+        .save_voucher(id, voucher(10, 100), Fence::NONE)
+        .await
+        .unwrap();
+    store
+        .save_voucher(id, voucher(u64::MAX - 1, u128::MAX), Fence::NONE)
         .await
         .unwrap();
     assert!(
         store
-            .save_voucher(id, voucher(9_007_199_254_740_993, 1))
+            .save_voucher(id, voucher(9_007_199_254_740_993, 1), Fence::NONE)
             .await
             .is_err()
     );
@@ -77,16 +87,31 @@ async fn contract<S: ChannelStore>(store: &S) {
         denominator: U256::from(d),
     };
     let consumed = |loaded: Option<paystream::store::StoredChannel>| loaded.unwrap().consumed;
-    store.save_consumed(id, exact(40, 1)).await.unwrap();
-    store.save_consumed(id, exact(30, 1)).await.unwrap();
+    store
+        .save_consumed(id, exact(40, 1), Fence::NONE)
+        .await
+        .unwrap();
+    store
+        .save_consumed(id, exact(30, 1), Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(consumed(store.load(id).await.unwrap()), exact(40, 1));
-    store.save_consumed(id, exact(40_001, 1_000)).await.unwrap();
-    store.save_consumed(id, exact(40_000, 1_000)).await.unwrap();
+    store
+        .save_consumed(id, exact(40_001, 1_000), Fence::NONE)
+        .await
+        .unwrap();
+    store
+        .save_consumed(id, exact(40_000, 1_000), Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(
         consumed(store.load(id).await.unwrap()),
         exact(40_001, 1_000)
     );
-    store.save_consumed(id, exact(40_002, 1_000)).await.unwrap();
+    store
+        .save_consumed(id, exact(40_002, 1_000), Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(
         consumed(store.load(id).await.unwrap()),
         exact(40_002, 1_000)
@@ -95,11 +120,11 @@ async fn contract<S: ChannelStore>(store: &S) {
         numerator: U256::MAX >> 8,
         denominator: U256::from(1u128 << 120),
     };
-    store.save_consumed(id, huge).await.unwrap();
+    store.save_consumed(id, huge, Fence::NONE).await.unwrap();
     assert_eq!(consumed(store.load(id).await.unwrap()), huge);
     // The payee's consent to close is recorded once and kept.
-    store.mark_closing(id, 77).await.unwrap();
-    store.mark_closing(id, 88).await.unwrap();
+    store.mark_closing(id, 77, Fence::NONE).await.unwrap();
+    store.mark_closing(id, 88, Fence::NONE).await.unwrap();
     assert_eq!(store.load(id).await.unwrap().unwrap().closing, Some(77));
     // Claims keep the larger amount per channel.
     let claim = |amount| PendingClaim {
@@ -107,14 +132,14 @@ async fn contract<S: ChannelStore>(store: &S) {
         voucher: voucher(5, 100),
         amount,
     };
-    store.queue_claim(claim(50)).await.unwrap();
-    store.queue_claim(claim(9)).await.unwrap();
+    store.queue_claim(claim(50), Fence::NONE).await.unwrap();
+    store.queue_claim(claim(9), Fence::NONE).await.unwrap();
     let other = PendingClaim {
         channel_id: B256::repeat_byte(2),
         voucher: voucher(1, 7),
         amount: 7,
     };
-    store.queue_claim(other).await.unwrap();
+    store.queue_claim(other, Fence::NONE).await.unwrap();
     let mut pending = store.pending_claims(10).await.unwrap();
     pending.sort_by_key(|c| c.channel_id);
     assert_eq!(pending, vec![claim(50), other]);
@@ -147,8 +172,14 @@ async fn settlement_contract<S: ChannelStore + SettlementStore>(store: &S) {
         B256::repeat_byte(0xc),
     );
     let before = unix_now();
-    store.queue_claim(pending(0xa, 100)).await.unwrap();
-    store.queue_claim(pending(0xb, 200)).await.unwrap();
+    store
+        .queue_claim(pending(0xa, 100), Fence::NONE)
+        .await
+        .unwrap();
+    store
+        .queue_claim(pending(0xb, 200), Fence::NONE)
+        .await
+        .unwrap();
     let mut queued = store.queued_claims(10).await.unwrap();
     queued.sort_by_key(|q| q.claim.channel_id);
     assert_eq!(queued.len(), 2);
@@ -216,11 +247,287 @@ async fn settlement_contract<S: ChannelStore + SettlementStore>(store: &S) {
     assert!(store.closes().await.unwrap().is_empty());
 }
 
+fn record(sid: &str, jti: &str, holder: &str) -> SessionRecord {
+    SessionRecord {
+        sid: sid.into(),
+        jti: jti.into(),
+        next_seq: 0,
+        request: None,
+        holder: holder.into(),
+    }
+}
+
+/// Leases, fencing, session records and resumes: one holder per channel, a higher fence for
+/// each new holder, every money write under an old fence refused with nothing changed, a lease
+/// that lapses going to the next taker, and a resume token spent exactly once.
+async fn lease_contract<S: ChannelStore>(store: &S) {
+    let id = B256::repeat_byte(0x51);
+    let ttl = Duration::from_secs(30);
+    let window = Duration::from_secs(300);
+    let f1 = store.take_lease(id, "a", ttl).await.unwrap();
+    assert!(f1 > Fence::NONE);
+    assert_eq!(
+        store.take_lease(id, "b", ttl).await,
+        Err(StoreError::LeaseHeld)
+    );
+    assert_eq!(store.take_lease(id, "a", ttl).await.unwrap(), f1);
+    store.save_voucher(id, voucher(1, 10), f1).await.unwrap();
+    store
+        .put_session(
+            id,
+            &record("s1", "j1", "a"),
+            SessionWrite::Fresh,
+            f1,
+            window,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.renew_lease(id, "a", f1, ttl, window).await.unwrap(),
+        LeaseStatus::Held
+    );
+
+    // a lets go; b takes the channel with a higher fence. a's writes are refused from then on,
+    // and change nothing.
+    store.release_lease(id, "a", f1).await.unwrap();
+    let f2 = store.take_lease(id, "b", ttl).await.unwrap();
+    assert!(f2 > f1);
+    let fenced = Err(StoreError::Fenced {
+        fence: f1,
+        current: f2,
+    });
+    assert_eq!(store.save_voucher(id, voucher(2, 20), f1).await, fenced);
+    let consumed = Exact {
+        numerator: U256::from(9u8),
+        denominator: U256::from(1u8),
+    };
+    assert_eq!(store.save_consumed(id, consumed, f1).await, fenced);
+    assert_eq!(store.mark_closing(id, 9, f1).await, fenced);
+    let claim = PendingClaim {
+        channel_id: id,
+        voucher: voucher(1, 10),
+        amount: 9,
+    };
+    assert_eq!(store.queue_claim(claim, f1).await, fenced);
+    assert_eq!(
+        store
+            .put_session(
+                id,
+                &record("s9", "j9", "a"),
+                SessionWrite::Fresh,
+                f1,
+                window
+            )
+            .await,
+        fenced
+    );
+    assert_eq!(
+        store.renew_lease(id, "a", f1, ttl, window).await.unwrap(),
+        LeaseStatus::Lost
+    );
+    let stored = store.load(id).await.unwrap().unwrap();
+    assert_eq!(stored.voucher, voucher(1, 10));
+    assert_eq!(stored.consumed, Exact::whole(0));
+    assert_eq!(stored.closing, None);
+    assert!(
+        !store
+            .pending_claims(100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.channel_id == id)
+    );
+    // b's own writes go through.
+    store.save_voucher(id, voucher(2, 20), f2).await.unwrap();
+    store.save_consumed(id, consumed, f2).await.unwrap();
+    store.release_lease(id, "b", f2).await.unwrap();
+
+    // A resume spends the token, takes the lease (a higher fence) and reads the channel, at once.
+    let Resumed::Taken {
+        record: taken,
+        fence: f3,
+        stored,
+    } = store
+        .resume_session(id, "s1", "j1", "j2", "c", ttl, window)
+        .await
+        .unwrap()
+    else {
+        panic!("the session's current token resumes it");
+    };
+    assert!(f3 > f2);
+    assert_eq!(
+        (
+            taken.sid.as_str(),
+            taken.jti.as_str(),
+            taken.holder.as_str()
+        ),
+        ("s1", "j2", "a"),
+        "the next token id, and the holder that served it last"
+    );
+    let stored = (*stored).unwrap();
+    assert_eq!(
+        (stored.voucher, stored.consumed),
+        (voucher(2, 20), consumed)
+    );
+    // A spent token, another session's id, and a resume while c holds the channel.
+    assert_eq!(
+        store
+            .resume_session(id, "s1", "j1", "jx", "d", ttl, window)
+            .await
+            .unwrap(),
+        Resumed::Used
+    );
+    assert_eq!(
+        store
+            .resume_session(id, "s2", "j2", "jx", "d", ttl, window)
+            .await
+            .unwrap(),
+        Resumed::Unknown
+    );
+    assert_eq!(
+        store
+            .resume_session(id, "s1", "j2", "j3", "d", ttl, window)
+            .await
+            .unwrap(),
+        Resumed::Busy
+    );
+    // ... which c learns at its next renewal: it lets go, and d's retry takes the channel.
+    assert_eq!(
+        store.renew_lease(id, "c", f3, ttl, window).await.unwrap(),
+        LeaseStatus::Wanted
+    );
+    store
+        .put_session(
+            id,
+            &SessionRecord {
+                next_seq: 7,
+                request: Some(5),
+                ..record("s1", "", "c")
+            },
+            SessionWrite::Progress,
+            f3,
+            window,
+        )
+        .await
+        .unwrap();
+    store.release_lease(id, "c", f3).await.unwrap();
+    let Resumed::Taken {
+        record: taken,
+        fence: f4,
+        ..
+    } = store
+        .resume_session(id, "s1", "j2", "j3", "d", ttl, window)
+        .await
+        .unwrap()
+    else {
+        panic!("the channel was let go");
+    };
+    assert!(f4 > f3);
+    assert_eq!(
+        (taken.next_seq, taken.request, taken.holder.as_str()),
+        (7, Some(5), "c"),
+        "progress is kept"
+    );
+    assert_eq!(
+        store.renew_lease(id, "d", f4, ttl, window).await.unwrap(),
+        LeaseStatus::Held,
+        "the resume's ask was answered"
+    );
+    store.release_lease(id, "d", f4).await.unwrap();
+
+    // Two resumes with one token at once: exactly one takes the session.
+    let (x, y) = tokio::join!(
+        store.resume_session(id, "s1", "j3", "j4", "x", ttl, window),
+        store.resume_session(id, "s1", "j3", "j5", "y", ttl, window),
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let taken = [&x, &y]
+        .iter()
+        .filter(|r| matches!(r, Resumed::Taken { .. }))
+        .count();
+    assert_eq!(taken, 1, "{x:?} {y:?}");
+    assert!(
+        matches!(x, Resumed::Used | Resumed::Busy) || matches!(y, Resumed::Used | Resumed::Busy)
+    );
+    let (winner, fence) = match (&x, &y) {
+        (Resumed::Taken { fence, .. }, _) => ("x", *fence),
+        (_, Resumed::Taken { fence, .. }) => ("y", *fence),
+        _ => unreachable!(),
+    };
+
+    // The session ends: its record goes, and no token of it resumes anything.
+    store
+        .put_session(
+            id,
+            &record("s1", "", winner),
+            SessionWrite::End,
+            fence,
+            window,
+        )
+        .await
+        .unwrap();
+    store.release_lease(id, winner, fence).await.unwrap();
+    for jti in ["j4", "j5"] {
+        assert_eq!(
+            store
+                .resume_session(id, "s1", jti, "j6", "z", ttl, window)
+                .await
+                .unwrap(),
+            Resumed::Unknown
+        );
+    }
+
+    // A new session replaces the record: the old one's tokens die with it.
+    let g = store.take_lease(id, "a", ttl).await.unwrap();
+    store
+        .put_session(id, &record("s2", "k1", "a"), SessionWrite::Fresh, g, window)
+        .await
+        .unwrap();
+    store.release_lease(id, "a", g).await.unwrap();
+    assert_eq!(
+        store
+            .resume_session(id, "s1", "j4", "j6", "z", ttl, window)
+            .await
+            .unwrap(),
+        Resumed::Unknown
+    );
+
+    // A lease not renewed lapses: the next taker gets the channel with a higher fence. The
+    // wait is the scenario (a holder that stopped renewing), not a synchronization.
+    let lapsing = B256::repeat_byte(0x52);
+    let short = Duration::from_millis(150);
+    let h1 = store.take_lease(lapsing, "a", short).await.unwrap();
+    assert_eq!(
+        store.take_lease(lapsing, "b", ttl).await,
+        Err(StoreError::LeaseHeld)
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Lapsed but not taken: the holder renews it as before.
+    assert_eq!(
+        store
+            .renew_lease(lapsing, "a", h1, short, window)
+            .await
+            .unwrap(),
+        LeaseStatus::Held
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let h2 = store.take_lease(lapsing, "b", ttl).await.unwrap();
+    assert!(h2 > h1);
+    assert_eq!(
+        store
+            .renew_lease(lapsing, "a", h1, short, window)
+            .await
+            .unwrap(),
+        LeaseStatus::Lost
+    );
+}
+
 #[tokio::test]
 async fn redis_store_keeps_the_contract() {
     let redis = Redis::start();
     let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
     contract(&store).await;
+    lease_contract(&store).await;
     settlement_contract(&RedisStore::connect(&redis.url, "settle:").await.unwrap()).await;
     // A second prefix is a separate namespace.
     let other = RedisStore::connect(&redis.url, "other:").await.unwrap();
@@ -228,8 +535,37 @@ async fn redis_store_keeps_the_contract() {
 }
 
 #[tokio::test]
+async fn redis_cluster_store_keeps_the_contract() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect_cluster(&cluster.urls(), "ps:")
+        .await
+        .unwrap();
+    contract(&store).await;
+    lease_contract(&store).await;
+    settlement_contract(
+        &RedisStore::connect_cluster(&cluster.urls(), "settle:")
+            .await
+            .unwrap(),
+    )
+    .await;
+    // The channels' keys spread over the three masters (their hash tags differ), and each
+    // channel's keys share one slot: the scripts ran above without a CROSSSLOT error.
+    let mut masters = std::collections::BTreeSet::new();
+    for url in cluster.urls() {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let keys: i64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
+        if keys > 0 {
+            masters.insert(url);
+        }
+    }
+    assert!(masters.len() >= 2, "keys on {masters:?}");
+}
+
+#[tokio::test]
 async fn memory_store_keeps_the_contract() {
     contract(&MemoryStore::new()).await;
+    lease_contract(&MemoryStore::new()).await;
     settlement_contract(&MemoryStore::new()).await;
 }
 
@@ -239,9 +575,15 @@ async fn a_redis_outage_is_reported_and_survived() {
     let port = redis.port;
     let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
     let id = B256::repeat_byte(3);
-    store.save_voucher(id, voucher(1, 10)).await.unwrap();
+    store
+        .save_voucher(id, voucher(1, 10), Fence::NONE)
+        .await
+        .unwrap();
     redis.stop();
-    let err = store.save_voucher(id, voucher(2, 20)).await.unwrap_err();
+    let err = store
+        .save_voucher(id, voucher(2, 20), Fence::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "store_unavailable");
     assert!(store.ping().await.is_err());
     // Back on the same port (empty: no persistence in tests); the store reconnects by itself.
@@ -254,5 +596,8 @@ async fn a_redis_outage_is_reported_and_survived() {
         }
     }
     assert!(ok, "the store reconnects once Redis is back");
-    store.save_voucher(id, voucher(2, 20)).await.unwrap();
+    store
+        .save_voucher(id, voucher(2, 20), Fence::NONE)
+        .await
+        .unwrap();
 }

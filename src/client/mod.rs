@@ -6,11 +6,19 @@
 //! prices it with the tariff it accepted. It never signs a cumulative above that count plus one
 //! credit window, and it stops (`ServerOverclaims`) if the server claims more consumption than
 //! that: the server cannot take more than the client saw, plus one window.
+//!
+//! It reconnects by itself (DESIGN.md section 6) when the connection drops, when the server goes
+//! silent for three heartbeats, or when it closes with 1001, 1011 or 1012: exponential backoff
+//! with jitter, a resume with the session's token (any process behind the same URL and store
+//! takes it), and once the token is refused (the resume window passed, or the server lost the
+//! session) a fresh `open` on the same channel with a newly signed voucher; no new deposit. It
+//! gives up with [`ClientError::Reconnect`] after [`Reconnect::max_wait`] or
+//! [`Reconnect::max_attempts`].
 
 mod policy;
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, U256};
 use futures_util::{SinkExt, StreamExt};
@@ -83,6 +91,84 @@ pub enum ClientError {
     /// The receipt does not match the client's own count.
     #[error("bad receipt: {0}")]
     Receipt(String),
+    /// The connection was lost and could not be resumed or re-opened in time: the session's
+    /// consumption is in the server's store and its claim is queued; the channel stays open for
+    /// a later session (or a withdrawal).
+    #[error("could not reconnect after {attempts} attempts in {secs} s: {last}")]
+    Reconnect {
+        /// Connection attempts made.
+        attempts: u32,
+        /// Seconds spent trying.
+        secs: u64,
+        /// The last failure.
+        last: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the session's connection is gone in a way a reconnect can mend: the socket
+    /// dropped or went silent, or the server closed with 1001 (going away), 1011 (internal
+    /// error) or 1012 (restarting).
+    pub fn reconnectable(&self) -> bool {
+        match self {
+            Self::Connection(_) | Self::Closed(None) => true,
+            Self::Closed(Some(code)) => matches!(code, 1001 | 1006 | 1011 | 1012),
+            _ => false,
+        }
+    }
+}
+
+/// How the client reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    /// The first wait before reconnecting; doubled on each failed attempt.
+    pub first_delay: Duration,
+    /// The longest wait between attempts.
+    pub max_delay: Duration,
+    /// Give up after this long (by default the server's resume window).
+    pub max_wait: Duration,
+    /// Give up after this many attempts.
+    pub max_attempts: u32,
+}
+
+/// 100 ms first: a restarted server is often back within a second.
+pub const DEFAULT_RECONNECT_FIRST_DELAY_MS: u64 = 100;
+/// 5 s at most between attempts: a server that is back is found within 5 s.
+pub const DEFAULT_RECONNECT_MAX_DELAY_MS: u64 = 5_000;
+/// 100 attempts: with 5 s between the later ones, past a 5-minute resume window.
+pub const DEFAULT_RECONNECT_MAX_ATTEMPTS: u32 = 100;
+
+impl Reconnect {
+    /// The defaults, giving up after `max_wait`.
+    pub fn within(max_wait: Duration) -> Self {
+        Self {
+            first_delay: Duration::from_millis(DEFAULT_RECONNECT_FIRST_DELAY_MS),
+            max_delay: Duration::from_millis(DEFAULT_RECONNECT_MAX_DELAY_MS),
+            max_wait,
+            max_attempts: DEFAULT_RECONNECT_MAX_ATTEMPTS,
+        }
+    }
+
+    /// Never reconnect: a lost connection ends the session with its error.
+    pub fn never() -> Self {
+        Self {
+            max_attempts: 0,
+            ..Self::within(Duration::ZERO)
+        }
+    }
+
+    /// The wait before attempt `attempt` (1-based): exponential, capped, with full jitter in
+    /// its upper half (so many clients cut off at once do not come back at once).
+    fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .first_delay
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.max_delay);
+        let mut byte = [0u8; 2];
+        let _ = getrandom::fill(&mut byte);
+        let jitter = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
+        exp.mul_f64(0.5 + 0.5 * jitter)
+    }
 }
 
 /// A channel this client opens gives the payee an hour to claim after a withdrawal request
@@ -169,6 +255,16 @@ pub enum Event {
         /// Why it ended.
         reason: String,
     },
+    /// The connection was lost and the session goes on over a new one: `resumed` with its
+    /// token (balance, credit and consumption kept), or re-opened on the same channel with a
+    /// fresh voucher when the token was refused. A request the loss cut ends with
+    /// `End { reason: "interrupted" }` after this (it is not replayed, nor billed twice).
+    Reconnected {
+        /// Resumed (`true`) or re-opened (`false`).
+        resumed: bool,
+        /// Connection attempts it took.
+        attempts: u32,
+    },
     /// A non-fatal error from the server.
     Error {
         /// The code.
@@ -254,15 +350,21 @@ impl<B: Backend> Payer<B> {
             }
         };
         let url = offer.extra.ws_endpoint.clone();
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .map_err(|e| ClientError::Connection(format!("{url}: {e}")))?;
+        let ws = connect(&url).await?;
+        let heartbeat = offer.extra.heartbeat_ms;
+        let window_secs = offer.extra.resume_window_seconds;
         let window = self
             .policy
             .max_credit_window
             .min(offer.extra.credit_window.max(1));
         let mut session = PaySession {
             ws,
+            url,
+            liveness: (heartbeat > 0)
+                .then(|| Duration::from_millis(heartbeat.saturating_mul(3).saturating_add(1_000))),
+            reconnect: Reconnect::within(Duration::from_secs(window_secs.max(1))),
+            reconnects: 0,
+            total: Count::default(),
             domain: ChannelDomain::new(chain_id, self.chain.address()),
             key: self.key.clone(),
             channel,
@@ -289,6 +391,15 @@ impl<B: Backend> Payer<B> {
     }
 }
 
+async fn connect(url: &str) -> Result<Ws, ClientError> {
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| ClientError::Connection(format!("{url}: {e}")))?;
+    Ok(ws)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// A frame from the server.
 enum Incoming {
     Server(ServerMessage),
@@ -305,7 +416,16 @@ struct Count {
 
 /// A paid session in progress.
 pub struct PaySession {
-    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: Ws,
+    /// The WebSocket endpoint (reconnects go there).
+    url: String,
+    /// The server is taken for gone after this long without a frame (three heartbeats).
+    liveness: Option<Duration>,
+    reconnect: Reconnect,
+    /// Reconnections so far.
+    reconnects: u64,
+    /// Everything received over the session's connections (the `count` restarts at a re-open).
+    total: Count,
     domain: ChannelDomain,
     key: SigningKey,
     channel: B256,
@@ -426,9 +546,19 @@ impl PaySession {
         self.vouchers
     }
 
-    /// Messages received.
+    /// Messages received, over every connection of the session.
     pub fn messages(&self) -> u64 {
-        self.count.messages
+        self.total.messages
+    }
+
+    /// Times the session reconnected.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Sets how the session reconnects ([`Reconnect::never`] to end it on a lost connection).
+    pub fn set_reconnect(&mut self, reconnect: Reconnect) {
+        self.reconnect = reconnect;
     }
 
     /// The resume token of the session, if any.
@@ -553,21 +683,37 @@ impl PaySession {
         ))
     }
 
+    /// The next frame; a server silent for three heartbeats counts as a lost connection.
     async fn recv(&mut self) -> Result<Option<Incoming>, ClientError> {
         loop {
-            match self.ws.next().await {
+            let frame = match self.liveness {
+                Some(limit) => tokio::time::timeout(limit, self.ws.next())
+                    .await
+                    .map_err(|_| {
+                        ClientError::Connection(format!(
+                            "no frame from the server in {} ms",
+                            limit.as_millis()
+                        ))
+                    })?,
+                None => self.ws.next().await,
+            };
+            match frame {
                 Some(Ok(Message::Text(text))) => {
                     let message =
                         decode_server(&text).map_err(|e| ClientError::Connection(e.to_string()))?;
                     if let ServerMessage::App { .. } = message {
                         self.count.messages += 1;
                         self.count.bytes_out += text.len() as u64;
+                        self.total.messages += 1;
+                        self.total.bytes_out += text.len() as u64;
                     }
                     return Ok(Some(Incoming::Server(message)));
                 }
                 Some(Ok(Message::Binary(bytes))) => {
                     self.count.messages += 1;
                     self.count.bytes_out += bytes.len() as u64;
+                    self.total.messages += 1;
+                    self.total.bytes_out += bytes.len() as u64;
                     return Ok(Some(Incoming::Binary(bytes.to_vec())));
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -583,7 +729,9 @@ impl PaySession {
 
     /// Sends an application request (e.g. a prompt).
     pub async fn request(&mut self, body: serde_json::Value) -> Result<(), ClientError> {
-        self.count.bytes_in += serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
+        let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
+        self.count.bytes_in += bytes;
+        self.total.bytes_in += bytes;
         self.send_json(&ClientMessage::Request { body }).await
     }
 
@@ -611,12 +759,26 @@ impl PaySession {
             return Ok(Some(event));
         }
         loop {
-            let event = match self.recv().await? {
-                None => return Ok(None),
-                Some(Incoming::Binary(bytes)) => Some(Event::Binary(bytes)),
-                Some(Incoming::Server(message)) => self.on_server_message(message)?,
+            let received = match self.recv().await {
+                Ok(None) => Err(ClientError::Closed(None)),
+                other => other,
             };
-            let signed = self.answer_ask().await?;
+            let event = match received {
+                Ok(None) => unreachable!("mapped above"),
+                Ok(Some(Incoming::Binary(bytes))) => Some(Event::Binary(bytes)),
+                Ok(Some(Incoming::Server(message))) => self.on_server_message(message)?,
+                Err(e) if e.reconnectable() && self.reconnect.max_attempts > 0 => {
+                    Some(self.reconnect_after(e).await?)
+                }
+                Err(ClientError::Closed(None)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let signed = match self.answer_ask().await {
+                Ok(signed) => signed,
+                // Lost while answering: the next read finds out and reconnects.
+                Err(e) if e.reconnectable() && self.reconnect.max_attempts > 0 => None,
+                Err(e) => return Err(e),
+            };
             match (event, signed) {
                 (Some(event), Some(signed)) => {
                     self.queued.push_back(signed);
@@ -626,6 +788,128 @@ impl PaySession {
                 (None, None) => {}
             }
         }
+    }
+
+    /// Reconnects after losing the connection with `lost`: resumes with the session's token,
+    /// or, once the token is refused, opens the channel again with a fresh voucher. Retries with
+    /// backoff while the server is unreachable, restarting, or still letting the session go
+    /// elsewhere (`channel_busy`).
+    async fn reconnect_after(&mut self, lost: ClientError) -> Result<Event, ClientError> {
+        let started = Instant::now();
+        let mut last = lost.to_string();
+        let mut attempts = 0u32;
+        loop {
+            if attempts >= self.reconnect.max_attempts
+                || started.elapsed() >= self.reconnect.max_wait
+            {
+                return Err(ClientError::Reconnect {
+                    attempts,
+                    secs: started.elapsed().as_secs(),
+                    last,
+                });
+            }
+            attempts += 1;
+            tokio::time::sleep(self.reconnect.delay(attempts)).await;
+            match connect(&self.url).await {
+                Ok(ws) => self.ws = ws,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            }
+            let resumed = self.resume_token.is_some();
+            let result = match self.resume_token.clone() {
+                Some(token) => self.resume(token).await,
+                None => self.reopen().await,
+            };
+            match result {
+                Ok(()) => {
+                    self.reconnects += 1;
+                    return Ok(Event::Reconnected { resumed, attempts });
+                }
+                Err(e) if e.reconnectable() => last = e.to_string(),
+                Err(ClientError::Server { code, message })
+                    if matches!(
+                        code.as_str(),
+                        "channel_busy" | "store_unavailable" | "chain_unavailable"
+                    ) =>
+                {
+                    last = format!("{code}: {message}");
+                }
+                Err(ClientError::Server { code, message }) if code == "bad_resume_token" => {
+                    // Past the window, or the session is gone: the channel is opened again.
+                    self.resume_token = None;
+                    last = format!("{code}: {message}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Resumes the session on the new connection with its token.
+    async fn resume(&mut self, token: String) -> Result<(), ClientError> {
+        self.send_json(&ClientMessage::Resume { token }).await?;
+        loop {
+            let message = match self.recv().await {
+                Ok(Some(Incoming::Server(m))) => m,
+                Ok(Some(Incoming::Binary(_))) => continue,
+                Ok(None) => return Err(ClientError::Closed(None)),
+                Err(ClientError::Closed(Some(4401))) => {
+                    return Err(ClientError::Server {
+                        code: "bad_resume_token".into(),
+                        message: "closed 4401".into(),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            match message {
+                ServerMessage::Session {
+                    session_id,
+                    resume_token,
+                    nonce,
+                    cumulative,
+                    consumed,
+                    ..
+                } => {
+                    // The state is one this client signed, and the consumption within its count.
+                    if nonce > self.nonce || cumulative > self.cumulative {
+                        return Err(ClientError::UnprovenState { nonce, cumulative });
+                    }
+                    self.check_claim(consumed)?;
+                    self.session_id = Some(session_id);
+                    self.resume_token = Some(resume_token);
+                    self.consumed = consumed;
+                    self.ask = None;
+                    // A voucher the server did not store before the loss (it crashed, or the
+                    // store lost it) is sent again: the same signed state.
+                    match self.unacked.take() {
+                        Some((voucher, _)) if voucher.nonce > nonce => {
+                            self.send_json(&ClientMessage::Voucher(voucher.clone()))
+                                .await?;
+                            self.unacked = Some((voucher, false));
+                        }
+                        _ => {}
+                    }
+                    return Ok(());
+                }
+                ServerMessage::Error { code, message, .. } => {
+                    return Err(ClientError::Server { code, message });
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Opens the channel again on the new connection, with a fresh voucher: the next nonce, at
+    /// least the cumulative already signed. Every state this client signed proves what the
+    /// channel's earlier sessions may have consumed; the count starts again from the server's
+    /// word about that (up to what is proven).
+    async fn reopen(&mut self) -> Result<(), ClientError> {
+        self.proven = self.proven.max(self.cumulative);
+        self.count = Count::default();
+        self.ask = None;
+        self.unacked = None;
+        self.open().await
     }
 
     /// What a server message means to the caller, if anything; checks every consumption the
@@ -723,12 +1007,24 @@ impl PaySession {
     }
 
     /// Ends the session (closing the channel cooperatively when asked) and checks the receipt
-    /// against the client's own count.
+    /// against the client's own count. A connection lost on the way is reconnected first.
     pub async fn close(mut self, close_channel: bool) -> Result<Receipt, ClientError> {
-        self.send_json(&ClientMessage::Close { close_channel })
-            .await?;
+        let mut sent = self
+            .send_json(&ClientMessage::Close { close_channel })
+            .await;
         loop {
-            match self.recv().await {
+            let received = match sent {
+                Ok(()) => self.recv().await,
+                Err(e) => Err(e),
+            };
+            sent = Ok(());
+            match received {
+                Err(e) if e.reconnectable() && self.reconnect.max_attempts > 0 => {
+                    self.reconnect_after(e).await?;
+                    sent = self
+                        .send_json(&ClientMessage::Close { close_channel })
+                        .await;
+                }
                 Ok(Some(Incoming::Server(ServerMessage::Receipt {
                     consumed,
                     settled_amount,

@@ -182,6 +182,15 @@ pub async fn run() -> anyhow::Result<()> {
                 line = 0;
             }
             Event::Paused(reason) => writeln!(out, "\n   [paused: {reason}]")?,
+            Event::Reconnected { resumed, .. } => writeln!(
+                out,
+                "\n   [reconnected: {}]",
+                if resumed {
+                    "session resumed"
+                } else {
+                    "channel re-opened"
+                }
+            )?,
             Event::End { .. } => break,
             _ => {}
         }

@@ -121,6 +121,14 @@ pub async fn run(args: PayArgs) -> anyhow::Result<()> {
             Event::Binary(bytes) => eprintln!("[{} binary bytes]", bytes.len()),
             Event::Error { code, message } => eprintln!("\n[server error {code}: {message}]"),
             Event::Paused(reason) => eprintln!("\n[paused: {reason}]"),
+            Event::Reconnected { resumed, attempts } => eprintln!(
+                "\n[reconnected after {attempts} attempt(s): {}]",
+                if resumed {
+                    "session resumed"
+                } else {
+                    "channel re-opened"
+                }
+            ),
             Event::End { reason, .. } => {
                 if reason != "completed" && reason != "max_tokens" {
                     eprintln!("\n[the stream ended: {reason}]");
@@ -131,11 +139,12 @@ pub async fn run(args: PayArgs) -> anyhow::Result<()> {
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         eprint!(
-            "\r\x1b[2K[spent {} | credit {} | {:.1} msg/s | vouchers {}]",
+            "\r\x1b[2K[spent {} | credit {} | {:.1} msg/s | vouchers {} | reconnects {}]",
             session.spent(),
             session.cumulative().saturating_sub(session.spent()),
             session.messages() as f64 / secs,
-            session.vouchers_signed()
+            session.vouchers_signed(),
+            session.reconnects()
         );
     }
     let receipt = session.close(args.close_channel).await?;

@@ -27,6 +27,36 @@ pub const PAYEE_KEY_ENV: &str = "PAYSTREAM_PAYEE_KEY";
 /// Environment variable holding the resume tokens' secret (32 bytes or more; the same on every
 /// process sharing one Redis).
 pub const JWT_SECRET_ENV: &str = "PAYSTREAM_JWT_SECRET";
+/// Environment variable naming a file that holds the resume tokens' secret (a mounted secret);
+/// used when `PAYSTREAM_JWT_SECRET` is not set. Surrounding whitespace is ignored.
+pub const JWT_SECRET_FILE_ENV: &str = "PAYSTREAM_JWT_SECRET_FILE";
+
+/// The resume tokens' secret from the environment or its file, if one is set.
+fn jwt_secret() -> anyhow::Result<Option<Vec<u8>>> {
+    let secret = match std::env::var(JWT_SECRET_ENV) {
+        Ok(secret) if !secret.is_empty() => Some((secret.into_bytes(), JWT_SECRET_ENV.to_string())),
+        _ => match std::env::var_os(JWT_SECRET_FILE_ENV) {
+            Some(path) if !path.is_empty() => {
+                let text = std::fs::read(&path).with_context(|| {
+                    format!(
+                        "reading {JWT_SECRET_FILE_ENV} ({})",
+                        std::path::Path::new(&path).display()
+                    )
+                })?;
+                let trimmed = text.trim_ascii().to_vec();
+                Some((trimmed, JWT_SECRET_FILE_ENV.to_string()))
+            }
+            _ => None,
+        },
+    };
+    match secret {
+        Some((secret, from)) if secret.len() < 32 => {
+            anyhow::bail!("{from}: the resume token secret must be at least 32 bytes")
+        }
+        Some((secret, _)) => Ok(Some(secret)),
+        None => Ok(None),
+    }
+}
 
 /// Flags of `paystream serve`.
 #[derive(Debug, Args)]
@@ -94,6 +124,7 @@ async fn serve_with<S: ChannelStore + SettlementStore + Clone>(
     config: ServeConfig,
     store: S,
     key: Option<PrivateKeySigner>,
+    secret: Vec<u8>,
 ) -> anyhow::Result<()> {
     // Without the payee's key (a separate settler holds it), the chain is only read: a throwaway
     // key stands in for the sender, and nothing is ever sent from it.
@@ -128,20 +159,7 @@ async fn serve_with<S: ChannelStore + SettlementStore + Clone>(
         config.public_url(),
     );
     state.limits = config.limits.limits();
-    match std::env::var(JWT_SECRET_ENV) {
-        Ok(secret) if secret.len() >= 32 => {
-            state.set_resume(secret.as_bytes(), config.session.resume_window_secs)
-        }
-        Ok(secret) if !secret.is_empty() => {
-            anyhow::bail!("{JWT_SECRET_ENV} must be at least 32 bytes")
-        }
-        // No default secret: a random one per process (resume tokens do not survive a restart).
-        _ => {
-            let mut secret = [0u8; 32];
-            getrandom::fill(&mut secret).context("reading OS randomness")?;
-            state.set_resume(&secret, config.session.resume_window_secs);
-        }
-    }
+    state.set_resume(&secret, config.session.resume_window_secs);
     // The in-process settler: the payee's key is in this process; it shares the send lock with
     // the server's cooperative closes.
     let (settler_stop, settler_task) = match &payee_key {
@@ -200,6 +218,18 @@ pub async fn shutdown_signal() {
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args.config)?;
+    let secret = match jwt_secret()? {
+        Some(secret) => secret,
+        // The memory store dies with the process, and its sessions with it: a random secret.
+        None if config.store.kind == "memory" => {
+            let mut secret = vec![0u8; 32];
+            getrandom::fill(&mut secret).context("reading OS randomness")?;
+            secret
+        }
+        None => anyhow::bail!(
+            "set {JWT_SECRET_ENV} (or {JWT_SECRET_FILE_ENV}, a file holding it) to a secret of 32 bytes or more, the same for every process on this store: resume tokens are signed with it, and a process that made one up would refuse every token after a restart"
+        ),
+    };
     let key = if config.settle.in_process() {
         Some(payee_key_from_env().with_context(|| {
             format!(
@@ -213,12 +243,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
     match config.store.kind.as_str() {
-        "memory" => serve_with(config, MemoryStore::new(), key).await,
+        "memory" => serve_with(config, MemoryStore::new(), key, secret).await,
+        "redis_cluster" => {
+            let nodes: Vec<String> = config
+                .store
+                .redis_url
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            let store = RedisStore::connect_cluster(&nodes, &config.store.prefix)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to the Redis Cluster at {}",
+                        config.store.redis_url
+                    )
+                })?;
+            serve_with(config, store, key, secret).await
+        }
         _ => {
             let store = RedisStore::connect(&config.store.redis_url, &config.store.prefix)
                 .await
                 .with_context(|| format!("connecting to Redis at {}", config.store.redis_url))?;
-            serve_with(config, store, key).await
+            serve_with(config, store, key, secret).await
         }
     }
 }

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use super::ServerState;
 use super::guard::Unauthenticated;
+use super::lease::Lease;
 use super::metrics::Metrics;
 use super::registry::{ChainView, Refusal, Ticket};
 use super::resource::{Ended, Resource, Unit};
@@ -34,9 +35,12 @@ use crate::protocol::{
     ClientMessage, CloseCode, EndReason, ProtocolError, ServerMessage, SignedStateMsg,
     decode_client, encode_app, encode_server,
 };
-use crate::session::resume::ResumeError;
+use crate::session::resume::{ResumeClaims, ResumeError};
 use crate::session::{ChainUpdate, Effect, Opening, Session, parse_voucher};
-use crate::store::{ChannelStore, PendingClaim, SettlementStore};
+use crate::store::{
+    ChannelStore, Fence, LeaseStatus, PendingClaim, Resumed, SessionRecord, SessionWrite,
+    SettlementStore, StoreError,
+};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -77,6 +81,14 @@ struct Connection<C, S> {
     errors_without_session: u32,
     /// The session was counted in `sessions_active`.
     counted_active: bool,
+    /// The session's lease on its channel: every money write carries its fence, and nothing
+    /// is delivered past its deadline unless it was renewed.
+    lease: Option<Lease>,
+    /// The one-time id of the session's current resume token (its store record's).
+    jti: String,
+    /// What the session record holds of the session's progress (`seq`, request), as last
+    /// written.
+    recorded: (u64, Option<u64>),
 }
 
 /// Runs a connection until it closes.
@@ -105,6 +117,9 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         failed_opens: 0,
         errors_without_session: 0,
         counted_active: false,
+        lease: None,
+        jti: String::new(),
+        recorded: (0, None),
     };
     let limits = conn.state.limits.clone();
     let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
@@ -123,6 +138,10 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
             Some(s) => s.next_wakeup(),
             None => Some(opened_by),
         };
+        let wake = match (wake, conn.lease.as_ref().map(Lease::next_wakeup)) {
+            (Some(w), Some(l)) => Some(w.min(l)),
+            (w, l) => w.or(l),
+        };
         let idle_at = conn.last_inbound + limits.idle_timeout_ms * 1_000_000;
         let wake = wake.map_or(idle_at, |w| w.min(idle_at));
         // One timer for the connection, moved only when the next deadline is earlier than the
@@ -138,7 +157,9 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         let flow = tokio::select! {
             biased;
             _ = stop.changed() => conn.shutdown().await,
-            _ = kicked(&mut conn.kick) => conn.superseded().await,
+            _ = kicked(&mut conn.kick) => {
+                conn.superseded("the session was resumed on another connection").await
+            }
             view = changed(&mut conn.updates) => conn.on_chain(view).await,
             inbound = conn.ws.next() => conn.on_inbound(inbound).await,
             // The timers before the units: they are rarely ready, and a resource that keeps
@@ -308,6 +329,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                         }
                         _ => {}
                     }
+                    let ended = matches!(message, ServerMessage::End { .. });
                     if self
                         .send(Message::Text(encode_server(&message).into()))
                         .await
@@ -315,6 +337,8 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     {
                         // The session is suspended and parked when the connection ends.
                         broken = true;
+                    } else if ended {
+                        self.record_progress().await;
                     } else if without_session
                         && self.errors_without_session >= self.state.limits.max_errors_before_open
                         && !queue.iter().any(|e| matches!(e, Effect::Close(..)))
@@ -341,14 +365,22 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     channel_id,
                     voucher,
                 } => {
-                    let result = self.state.store.save_voucher(channel_id, voucher).await;
+                    let fence = self.fence();
+                    let result = self
+                        .state
+                        .store
+                        .save_voucher(channel_id, voucher, fence)
+                        .await;
+                    self.count_fenced(&result);
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
                         let opening = !session.is_open();
                         let more = session.persisted(result, now);
-                        if opening && session.is_open() {
-                            let sid = session.id().to_string();
-                            self.opened(channel_id, &sid);
+                        if opening && self.session.as_ref().is_some_and(Session::is_open) {
+                            // The session's record, before the client gets its token.
+                            self.write_record(SessionWrite::Fresh).await;
+                            let sid = self.session.as_ref().map(|s| s.id().to_string());
+                            self.opened(channel_id, &sid.unwrap_or_default());
                         }
                         for e in more.into_iter().rev() {
                             queue.push_front(e);
@@ -359,9 +391,22 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     channel_id,
                     consumed,
                 } => {
-                    if let Err(e) = self.state.store.save_consumed(channel_id, consumed).await {
-                        warn!(%channel_id, "consumption not saved, retrying in the background: {e}");
-                        self.state.flusher.defer_consumed(channel_id, consumed);
+                    let fence = self.fence();
+                    let result = self
+                        .state
+                        .store
+                        .save_consumed(channel_id, consumed, fence)
+                        .await;
+                    self.count_fenced(&result);
+                    match result {
+                        Ok(()) => self.record_progress().await,
+                        Err(StoreError::Fenced { .. }) => {}
+                        Err(e) => {
+                            warn!(%channel_id, "consumption not saved, retrying in the background: {e}");
+                            self.state
+                                .flusher
+                                .defer_consumed(channel_id, consumed, fence);
+                        }
                     }
                 }
                 Effect::QueueClaim(claim) => self.queue_claim(claim).await,
@@ -380,6 +425,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 }
                 Effect::Request(body) => {
                     self.stop_request();
+                    // Recorded before it starts: a request cut by a crash ends `interrupted`
+                    // on the resumed session, wherever it resumes.
+                    self.record_progress().await;
                     let (tx, rx) = mpsc::channel(self.state.limits.queue_capacity);
                     self.producer = Some(self.resource.start(body, tx));
                     self.units = Some(rx);
@@ -417,9 +465,74 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     }
 
     async fn queue_claim(&mut self, claim: PendingClaim) {
-        if let Err(e) = self.state.store.queue_claim(claim).await {
-            warn!(channel_id = %claim.channel_id, "claim not queued, retrying in the background: {e}");
-            self.state.flusher.defer_claim(claim);
+        let fence = self.fence();
+        let result = self.state.store.queue_claim(claim, fence).await;
+        self.count_fenced(&result);
+        match result {
+            Ok(()) | Err(StoreError::Fenced { .. }) => {}
+            Err(e) => {
+                warn!(channel_id = %claim.channel_id, "claim not queued, retrying in the background: {e}");
+                self.state.flusher.defer_claim(claim, fence);
+            }
+        }
+    }
+
+    /// The fencing token of the session's lease (every money write carries it).
+    fn fence(&self) -> Fence {
+        self.lease.map_or(Fence::NONE, |l| l.fence)
+    }
+
+    /// Counts a write the store refused for a stale fence: this process lost the channel.
+    fn count_fenced<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(e @ StoreError::Fenced { .. }) = result {
+            warn!("a write of a session whose channel moved on was refused: {e}");
+            self.metrics()
+                .fencing_refusals
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the session's record (what a resume needs) under its lease.
+    async fn write_record(&mut self, write: SessionWrite) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        let record = SessionRecord {
+            sid: session.id().to_string(),
+            jti: self.jti.clone(),
+            next_seq: session.next_seq(),
+            request: session.unended_request(),
+            holder: self.state.instance.clone(),
+        };
+        let channel = session.channel_id();
+        let progress = (record.next_seq, record.request);
+        let result = self
+            .state
+            .store
+            .put_session(
+                channel,
+                &record,
+                write,
+                self.fence(),
+                self.state.resume_window(),
+            )
+            .await;
+        self.count_fenced(&result);
+        match result {
+            Ok(()) => self.recorded = progress,
+            // Not resumable from where it is now: a resume goes on from the record as it was
+            // (a request it shows streaming ends `interrupted`), or the client opens again.
+            Err(e) => warn!(%channel, "the session record was not written: {e}"),
+        }
+    }
+
+    /// Records the session's progress if it moved since the record was last written.
+    async fn record_progress(&mut self) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        if session.is_open() && (session.next_seq(), session.unended_request()) != self.recorded {
+            self.write_record(SessionWrite::Progress).await;
         }
     }
 
@@ -431,12 +544,14 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     /// not, the claim is queued (or the close handed over) and the receipt says so.
     async fn close_channel(&mut self, claim: PendingClaim) -> bool {
         let channel_id = claim.channel_id;
-        if let Err(e) = self
+        let fence = self.fence();
+        let marked = self
             .state
             .store
-            .mark_closing(channel_id, claim.amount)
-            .await
-        {
+            .mark_closing(channel_id, claim.amount, fence)
+            .await;
+        self.count_fenced(&marked);
+        if let Err(e) = marked {
             warn!(%channel_id, "could not record the close, queuing the claim instead: {e}");
             self.queue_claim(claim).await;
             return false;
@@ -549,6 +664,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return self.on_request_done().await;
         };
         let now = self.state.now();
+        if let Flow::Closed = self.lease_gate(now).await {
+            return Flow::Closed;
+        }
         let Some(session) = self.session.as_mut() else {
             return Flow::Continue;
         };
@@ -810,16 +928,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     return self.apply(effects).await;
                 }
             };
-        let (ticket, parked) = match self.state.registry.reserve(msg.channel_id, &sid) {
-            Ok(reserved) => reserved,
-            Err(Refusal::Busy) => {
-                let error = error_message(
-                    "channel_busy",
-                    "another session is open on this channel; resume it or close it first",
-                    true,
-                );
-                return self.apply(vec![Effect::Send(error)]).await;
-            }
+        let ticket = match self.state.registry.reserve(msg.channel_id, &sid) {
+            Ok(ticket) => ticket,
+            Err(Refusal::Busy) => return self.channel_busy().await,
             Err(Refusal::Closing(update)) => {
                 let reason = match update {
                     ChainUpdate::WithdrawRequested => "the payer requested a withdrawal",
@@ -832,13 +943,38 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 return self.apply(effects).await;
             }
         };
+        // The channel's lease: refused while another process serves it.
+        let sent = self.state.now();
+        let taken = self
+            .state
+            .store
+            .take_lease(msg.channel_id, &self.state.instance, self.state.lease_ttl())
+            .await;
+        let fence = match taken {
+            Ok(fence) => fence,
+            Err(e) => {
+                self.state.registry.cancel(msg.channel_id, &sid);
+                return match e {
+                    StoreError::LeaseHeld => self.channel_busy().await,
+                    e => self.store_failed(&e).await,
+                };
+            }
+        };
+        self.hold_lease(Lease::new(
+            msg.channel_id,
+            fence,
+            sent,
+            self.state.lease_ttl(),
+        ));
         let Ticket {
             token,
+            jti,
             kick,
             updates,
         } = ticket;
-        session.admitted(token, parked);
+        session.admitted(token);
         self.session = Some(session);
+        self.jti = jti;
         self.kick = Some(kick);
         self.updates = Some(updates);
         let flow = self.apply(effects).await;
@@ -848,36 +984,292 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             self.kick = None;
             self.updates = None;
             self.state.registry.cancel(msg.channel_id, &sid);
+            self.drop_lease().await;
             self.failed_open(false);
         }
         flow
     }
 
+    /// `channel_busy`: another session (here, or on another process) holds the channel.
+    async fn channel_busy(&mut self) -> Flow {
+        let error = error_message(
+            "channel_busy",
+            "another session is live on this channel; resume it, close it, or retry in a moment",
+            true,
+        );
+        self.apply(vec![Effect::Send(error)]).await
+    }
+
+    /// The store failed while a session was being set up: nothing can be accepted without it,
+    /// so the connection closes (1011) and the client retries later, possibly elsewhere.
+    async fn store_failed(&mut self, e: &StoreError) -> Flow {
+        let effects = vec![
+            Effect::Send(error_message(e.code(), e.to_string(), true)),
+            Effect::Close(CloseCode::Internal, e.code().into()),
+        ];
+        self.apply(effects).await
+    }
+
+    fn hold_lease(&mut self, lease: Lease) {
+        if self.lease.replace(lease).is_none() {
+            self.metrics().leases_held.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives the lease back to the store (the session left this connection).
+    async fn drop_lease(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        self.metrics().leases_held.fetch_sub(1, Ordering::Relaxed);
+        if let Err(e) = self
+            .state
+            .store
+            .release_lease(lease.channel, &self.state.instance, lease.fence)
+            .await
+        {
+            // It expires by itself within the lease's time.
+            debug!(channel = %lease.channel, "lease not released: {e}");
+        }
+    }
+
+    /// A resume: the token is checked (signature, expiry), then spent in the store, which
+    /// gives this process the channel's lease and the session's state in one step; the session
+    /// goes on from there, whichever process served it before. A request the disconnect (or a
+    /// crash) cut ends `interrupted`.
     async fn on_resume(&mut self, token: &str) -> Flow {
-        match self.state.registry.resume(token).await {
-            Ok(claimed) => {
-                let mut session = claimed.session;
-                let now = self.state.now();
-                let effects = session.resume(claimed.ticket.token, now);
-                self.session = Some(session);
-                self.kick = Some(claimed.ticket.kick);
-                self.updates = Some(claimed.ticket.updates);
-                self.unauthenticated.release();
-                self.count_active(true);
-                self.apply(effects).await
-            }
-            Err(ResumeError::Busy) => {
-                let error = error_message("channel_busy", ResumeError::Busy.to_string(), true);
-                self.apply(vec![Effect::Send(error)]).await
-            }
+        let (claims, ticket) = match self.state.registry.reserve_resume(token).await {
+            Ok(reserved) => reserved,
+            Err(ResumeError::Busy) => return self.channel_busy().await,
+            Err(e) => return self.bad_token(&e.to_string()).await,
+        };
+        let channel = claims.ch;
+        let flow = self.resume_reserved(&claims, ticket).await;
+        if self.session.is_none() {
+            self.state.registry.cancel(channel, &claims.sid);
+        }
+        flow
+    }
+
+    async fn bad_token(&mut self, why: &str) -> Flow {
+        let effects = vec![
+            Effect::Send(error_message("bad_resume_token", why, false)),
+            Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
+        ];
+        self.apply(effects).await
+    }
+
+    async fn resume_reserved(&mut self, claims: &ResumeClaims, ticket: Ticket) -> Flow {
+        let channel = claims.ch;
+        // Read before the token is spent: a chain outage leaves it good for a retry.
+        let info = match self.state.read_channel(channel).await {
+            Ok(Some(info)) => info,
+            Ok(None) => return self.bad_token("unknown channel").await,
             Err(e) => {
-                let effects = vec![
-                    Effect::Send(error_message("bad_resume_token", e.to_string(), false)),
-                    Effect::Close(CloseCode::BadResumeToken, "bad_resume_token".into()),
-                ];
-                self.apply(effects).await
+                let error = error_message("chain_unavailable", e.to_string(), true);
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+        };
+        let sent = self.state.now();
+        let resumed = self
+            .state
+            .store
+            .resume_session(
+                channel,
+                &claims.sid,
+                &claims.jti,
+                &ticket.jti,
+                &self.state.instance,
+                self.state.lease_ttl(),
+                self.state.resume_window(),
+            )
+            .await;
+        let (record, fence, stored) = match resumed {
+            Ok(Resumed::Taken {
+                record,
+                fence,
+                stored,
+            }) => (record, fence, stored),
+            Ok(Resumed::Unknown) => {
+                return self
+                    .bad_token("unknown session, or past the resume window")
+                    .await;
+            }
+            Ok(Resumed::Used) => return self.bad_token("token already used").await,
+            Ok(Resumed::Busy) => {
+                let error = error_message(
+                    "channel_busy",
+                    "the session is live on another server, which has been asked to let it go; retry the resume in a moment",
+                    true,
+                );
+                return self.apply(vec![Effect::Send(error)]).await;
+            }
+            Err(e) => return self.store_failed(&e).await,
+        };
+        self.hold_lease(Lease::new(channel, fence, sent, self.state.lease_ttl()));
+        let from_elsewhere = record.holder != self.state.instance;
+        let restored = match *stored {
+            Some(stored) => Session::restore(
+                self.state.params.clone(),
+                &record,
+                info,
+                stored,
+                self.state.flusher.consumed(channel),
+                self.state.now(),
+            ),
+            None => Err(vec![
+                Effect::Send(error_message(
+                    "store_unavailable",
+                    "the channel's record is missing from the store",
+                    false,
+                )),
+                Effect::Close(CloseCode::Internal, "store_unavailable".into()),
+            ]),
+        };
+        let mut session = match restored {
+            Ok(session) => session,
+            Err(effects) => {
+                // The channel cannot be served any more (closing, closed): the session ends.
+                self.jti = ticket.jti;
+                self.end_record(channel, &record.sid).await;
+                self.drop_lease().await;
+                return self.apply(effects).await;
+            }
+        };
+        let now = self.state.now();
+        if let Some(update) = self.state.registry.closing(channel) {
+            // Closing since it was parked: it ends when resumed.
+            let _ = session.chain_update(update, now);
+        }
+        let Ticket {
+            token,
+            jti,
+            kick,
+            updates,
+        } = ticket;
+        let effects = session.resume(token, now);
+        self.state.registry.activate(channel, &record.sid);
+        self.session = Some(session);
+        self.jti = jti;
+        self.recorded = (record.next_seq, record.request);
+        self.kick = Some(kick);
+        self.updates = Some(updates);
+        self.unauthenticated.release();
+        self.count_active(true);
+        let m = self.metrics();
+        if from_elsewhere {
+            m.resumed_remote.fetch_add(1, Ordering::Relaxed);
+            m.leases_taken_over.fetch_add(1, Ordering::Relaxed);
+        } else {
+            m.resumed_local.fetch_add(1, Ordering::Relaxed);
+        }
+        self.apply(effects).await
+    }
+
+    /// Deletes the record of session `sid` (it ended): none of its tokens resumes anything.
+    async fn end_record(&mut self, channel: alloy::primitives::B256, sid: &str) {
+        let record = SessionRecord {
+            sid: sid.to_string(),
+            jti: String::new(),
+            next_seq: 0,
+            request: None,
+            holder: self.state.instance.clone(),
+        };
+        let result = self
+            .state
+            .store
+            .put_session(
+                channel,
+                &record,
+                SessionWrite::End,
+                self.fence(),
+                self.state.resume_window(),
+            )
+            .await;
+        self.count_fenced(&result);
+        if let Err(e) = result {
+            // It expires with the resume window; a resume before then finds the channel's
+            // state as it is (and a closed channel refuses it).
+            debug!(%channel, "the ended session's record was not deleted: {e}");
+        }
+    }
+
+    /// The lease's renewal, when due, and its deadline: past it without a renewal, nothing is
+    /// delivered (the store may give the channel to another process). A resume elsewhere that
+    /// wants the session gets it (this connection closes with 4409); a lease found lost stops
+    /// the session at once.
+    async fn on_lease(&mut self, now: Nanos) -> Flow {
+        let Some(mut lease) = self.lease else {
+            return Flow::Continue;
+        };
+        if lease.due(now) {
+            let sent = now;
+            let status = self
+                .state
+                .store
+                .renew_lease(
+                    lease.channel,
+                    &self.state.instance,
+                    lease.fence,
+                    self.state.lease_ttl(),
+                    self.state.resume_window(),
+                )
+                .await;
+            match status {
+                Ok(LeaseStatus::Held) => {
+                    lease.renewed(sent);
+                    if lease.lapsed {
+                        lease.lapsed = false;
+                        self.lease = Some(lease);
+                        let now = self.state.now();
+                        let effects = self
+                            .session
+                            .as_mut()
+                            .map(|s| s.store_recovered(now))
+                            .unwrap_or_default();
+                        return self.apply(effects).await;
+                    }
+                }
+                Ok(LeaseStatus::Wanted) => {
+                    self.metrics()
+                        .leases_handed_over
+                        .fetch_add(1, Ordering::Relaxed);
+                    return self
+                        .superseded("the session was resumed on another server")
+                        .await;
+                }
+                Ok(LeaseStatus::Lost) => {
+                    self.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
+                    warn!(channel = %lease.channel, "lease lost: another process serves the channel");
+                    return self
+                        .superseded("another server took this session's channel over")
+                        .await;
+                }
+                Err(e) => {
+                    debug!(channel = %lease.channel, "lease not renewed, retrying: {e}");
+                    lease.retry_soon(now);
+                }
             }
         }
+        self.lease = Some(lease);
+        self.lease_gate(now).await
+    }
+
+    /// Pauses delivery (and the clock) once the lease's deadline has passed unrenewed.
+    async fn lease_gate(&mut self, now: Nanos) -> Flow {
+        let Some(lease) = self.lease.as_mut() else {
+            return Flow::Continue;
+        };
+        if lease.valid(now) || lease.lapsed {
+            return Flow::Continue;
+        }
+        lease.lapsed = true;
+        let effects = self
+            .session
+            .as_mut()
+            .map(|s| s.lease_lapsed(now))
+            .unwrap_or_default();
+        self.apply(effects).await
     }
 
     async fn on_timer(&mut self) -> Flow {
@@ -886,12 +1278,19 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             // Parked on release: the client can resume within the window.
             return self.close(CloseCode::Policy, "idle").await;
         }
+        if self.session.is_none() {
+            return self.close(CloseCode::Policy, "open timeout").await;
+        }
+        if let Flow::Closed = self.on_lease(now).await {
+            return Flow::Closed;
+        }
+        let now = self.state.now();
         match self.session.as_mut() {
             Some(session) => {
                 let effects = session.tick(now);
                 self.apply(effects).await
             }
-            None => self.close(CloseCode::Policy, "open timeout").await,
+            None => Flow::Continue,
         }
     }
 
@@ -902,18 +1301,16 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         self.close(CloseCode::GoingAway, "server going away").await
     }
 
-    /// Another connection resumed this session: save, and close with 4409.
-    async fn superseded(&mut self) -> Flow {
+    /// Another connection (here, or on another process) resumed this session, or another
+    /// process took its channel: save what is this session's to save, let the session go, and
+    /// close with 4409.
+    async fn superseded(&mut self, why: &str) -> Flow {
         self.kick = None;
         self.stop_request();
         // Park first, so the resuming connection gets the session without waiting for this
         // one's closing handshake.
         self.release().await;
-        let error = error_message(
-            "session_superseded",
-            "the session was resumed on another connection",
-            false,
-        );
+        let error = error_message("session_superseded", why, false);
         self.metrics().rejected("session_superseded");
         if self
             .send(Message::Text(encode_server(&error).into()))
@@ -926,31 +1323,29 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             .await
     }
 
-    /// The connection ends: an open session is suspended and parked for resume (or finished
-    /// if it cannot be parked); a closed one leaves the registry.
+    /// The connection ends: an open session is suspended and parked in the store for a resume
+    /// (its consumption saved, its claim queued, its record's progress written, its lease given
+    /// back, so any process can resume it at once); an ended one's record is deleted.
     async fn release(&mut self) {
         let Some(mut session) = self.session.take() else {
+            self.drop_lease().await;
             return;
         };
         self.count_active(false);
         self.updates = None;
         let channel = session.channel_id();
-        if !session.is_open() {
-            self.state.registry.remove(channel, session.id());
-            return;
-        }
-        let now = self.state.now();
-        let effects = session.suspend(now);
-        let id = session.id().to_string();
-        let _ = self.apply(effects).await;
-        if let Some(mut unparked) = self.state.registry.park(session) {
-            let effects: Vec<Effect> = unparked
-                .disconnected(now)
-                .into_iter()
-                .filter(|e| !matches!(e, Effect::Send(_) | Effect::Close(..)))
-                .collect();
+        let sid = session.id().to_string();
+        if session.is_open() {
+            let now = self.state.now();
+            let effects = session.suspend(now);
             let _ = self.apply(effects).await;
-            self.state.registry.remove(channel, &id);
+            self.session = Some(session);
+            self.write_record(SessionWrite::Progress).await;
+            self.session = None;
+        } else {
+            self.end_record(channel, &sid).await;
         }
+        self.drop_lease().await;
+        self.state.registry.release(channel, &sid);
     }
 }

@@ -3,6 +3,11 @@
 //! logged: it is kept here, per channel, and retried with backoff until the store takes it. A
 //! new session on the channel starts from at least the consumption kept here, so credit that
 //! was metered once is never metered again.
+//!
+//! Each write keeps the fencing token it was made under: once another process has taken the
+//! channel over, the store refuses it ([`StoreError::Fenced`]) and it is dropped (the new
+//! holder went on from what the store had: the difference is the client's, within the bound
+//! docs/STORE.md states).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::meter::Exact;
-use crate::store::{ChannelStore, PendingClaim};
+use crate::store::{ChannelStore, Fence, PendingClaim, StoreError};
 
 /// First retry after 100 ms, doubling up to 10 s: quick through a blip, gentle on a store
 /// that is down.
@@ -22,8 +27,8 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Pending {
-    consumed: Option<Exact>,
-    claim: Option<PendingClaim>,
+    consumed: Option<(Exact, Fence)>,
+    claim: Option<(PendingClaim, Fence)>,
 }
 
 /// The writes waiting for the store, by channel (one entry per channel: later writes for the
@@ -39,21 +44,24 @@ impl Flusher {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a consumption the store refused, to retry.
-    pub fn defer_consumed(&self, channel: B256, consumed: Exact) {
+    /// Keeps a consumption the store refused, to retry under `fence`.
+    pub fn defer_consumed(&self, channel: B256, consumed: Exact, fence: Fence) {
         let mut pending = self.lock();
         let entry = pending.entry(channel).or_default();
-        entry.consumed = Some(entry.consumed.map_or(consumed, |c| c.max(consumed)));
+        entry.consumed = Some(match entry.consumed {
+            Some((c, f)) => (c.max(consumed), f.max(fence)),
+            None => (consumed, fence),
+        });
         drop(pending);
         self.wake.notify_one();
     }
 
-    /// Keeps a claim the store refused, to retry.
-    pub fn defer_claim(&self, claim: PendingClaim) {
+    /// Keeps a claim the store refused, to retry under `fence`.
+    pub fn defer_claim(&self, claim: PendingClaim, fence: Fence) {
         let mut pending = self.lock();
         let entry = pending.entry(claim.channel_id).or_default();
-        if entry.claim.is_none_or(|c| claim.amount > c.amount) {
-            entry.claim = Some(claim);
+        if entry.claim.is_none_or(|(c, _)| claim.amount > c.amount) {
+            entry.claim = Some((claim, fence));
         }
         drop(pending);
         self.wake.notify_one();
@@ -61,7 +69,10 @@ impl Flusher {
 
     /// The consumption of `channel` the store does not have yet, if any.
     pub fn consumed(&self, channel: B256) -> Option<Exact> {
-        self.lock().get(&channel).and_then(|p| p.consumed)
+        self.lock()
+            .get(&channel)
+            .and_then(|p| p.consumed)
+            .map(|(c, _)| c)
     }
 
     /// Channels with writes waiting.
@@ -79,12 +90,21 @@ impl Flusher {
         let batch: Vec<(B256, Pending)> = self.lock().iter().map(|(k, v)| (*k, *v)).collect();
         let mut all = true;
         for (channel, write) in batch {
+            // Landed, or refused for good (fenced): either way it leaves the queue.
+            let done = |r: Result<(), StoreError>| match r {
+                Ok(()) => true,
+                Err(e @ StoreError::Fenced { .. }) => {
+                    warn!(%channel, "a deferred write is dropped: {e}");
+                    true
+                }
+                Err(_) => false,
+            };
             let consumed_ok = match write.consumed {
-                Some(c) => store.save_consumed(channel, c).await.is_ok(),
+                Some((c, fence)) => done(store.save_consumed(channel, c, fence).await),
                 None => true,
             };
             let claim_ok = match write.claim {
-                Some(c) => store.queue_claim(c).await.is_ok(),
+                Some((c, fence)) => done(store.queue_claim(c, fence).await),
                 None => true,
             };
             let mut pending = self.lock();

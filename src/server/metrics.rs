@@ -35,6 +35,21 @@ pub struct Metrics {
     pub chain_events: AtomicU64,
     /// Connections closed because a send did not complete within the send timeout.
     pub send_timeouts: AtomicU64,
+    /// Sessions resumed that this process served last (a reconnect to the same process).
+    pub resumed_local: AtomicU64,
+    /// Sessions resumed that another process (or this one before a restart) served last.
+    pub resumed_remote: AtomicU64,
+    /// Channel leases this process holds now (one per live session).
+    pub leases_held: AtomicU64,
+    /// Leases lost: found taken by another process at renewal (delivery had stopped).
+    pub leases_lost: AtomicU64,
+    /// Leases handed over: a resume on another process asked for the channel, and this one
+    /// let the session go.
+    pub leases_handed_over: AtomicU64,
+    /// Leases taken over: a session resumed here from another process (or a restart).
+    pub leases_taken_over: AtomicU64,
+    /// Money writes the store refused because their fencing token was stale.
+    pub fencing_refusals: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -132,6 +147,50 @@ impl Metrics {
             "Connections closed because a send did not complete in time.",
             "counter",
             load(&self.send_timeouts),
+        );
+        counter(
+            "paystream_leases_held",
+            "Channel leases held by this process (one per live session).",
+            "gauge",
+            load(&self.leases_held),
+        );
+        counter(
+            "paystream_leases_lost_total",
+            "Leases found taken by another process at renewal.",
+            "counter",
+            load(&self.leases_lost),
+        );
+        counter(
+            "paystream_leases_handed_over_total",
+            "Sessions let go because a resume on another process asked for them.",
+            "counter",
+            load(&self.leases_handed_over),
+        );
+        counter(
+            "paystream_leases_taken_over_total",
+            "Sessions resumed here that another process (or this one before a restart) served.",
+            "counter",
+            load(&self.leases_taken_over),
+        );
+        counter(
+            "paystream_fencing_refusals_total",
+            "Money writes the store refused for a stale fencing token.",
+            "counter",
+            load(&self.fencing_refusals),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP paystream_sessions_resumed_total Sessions resumed, by where they were served last.\n# TYPE paystream_sessions_resumed_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "paystream_sessions_resumed_total{{from=\"local\"}} {}",
+            load(&self.resumed_local)
+        );
+        let _ = writeln!(
+            out,
+            "paystream_sessions_resumed_total{{from=\"remote\"}} {}",
+            load(&self.resumed_remote)
         );
         let _ = writeln!(
             out,

@@ -9,6 +9,7 @@
 mod connection;
 pub mod flusher;
 pub mod guard;
+mod lease;
 pub mod metrics;
 pub mod openai;
 mod registry;
@@ -81,6 +82,10 @@ pub const DEFAULT_MAX_UNAUTHENTICATED_PER_IP: usize = 64;
 pub const DEFAULT_MAX_ERRORS_BEFORE_OPEN: u32 = 8;
 /// `open`s one connection may have refused after their signature was checked (then 4429).
 pub const DEFAULT_MAX_FAILED_OPENS_PER_CONNECTION: u32 = 3;
+/// A channel's lease lives 10 s unless renewed: a process that crashed frees its channels for
+/// their clients' resumes within 10 s, while renewals (every third of it) cost a session one
+/// store call per 3.3 s and two of them can fail (a Redis failover) before delivery pauses.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 10_000;
 /// `open`s one address may have refused per minute (each costs a signature check, a key
 /// recovery on a cold cache); above it, its `open`s are refused before any (then 4429).
 pub const DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN: u32 = 30;
@@ -120,6 +125,8 @@ pub struct Limits {
     pub watch_interval_ms: u64,
     /// Blocks per `eth_getLogs` call of the chain watcher.
     pub log_range_blocks: u64,
+    /// How long a channel's lease lives in the store unless renewed (docs/STORE.md, "Leases").
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for Limits {
@@ -140,6 +147,7 @@ impl Default for Limits {
             max_failed_opens_per_ip_per_min: DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN,
             watch_interval_ms: watcher::DEFAULT_WATCH_INTERVAL_MS,
             log_range_blocks: watcher::DEFAULT_LOG_RANGE_BLOCKS,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
         }
     }
 }
@@ -170,8 +178,12 @@ pub struct ServerState<C, S> {
     pub public_url: String,
     /// Resume window advertised in the challenge.
     pub resume_window_secs: u64,
-    /// Sessions that can be resumed.
+    /// The live sessions of this process.
     pub registry: registry::Registry,
+    /// This process's name as a lease holder: random at every start, so a restarted process
+    /// never mistakes a lease of its previous life (whose sessions it does not have) for its
+    /// own.
+    pub instance: String,
     /// Signature checks, off the reactor.
     pub verifier: Verifier,
     /// Per-address bounds.
@@ -213,11 +225,8 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
             limits: Limits::default(),
             public_url,
             resume_window_secs: DEFAULT_RESUME_WINDOW_SECS,
-            registry: registry::Registry::new(
-                ResumeKeys::new(&random_secret()),
-                Duration::from_secs(DEFAULT_RESUME_WINDOW_SECS),
-                DEFAULT_MAX_CONNECTIONS * 4,
-            ),
+            registry: registry::Registry::new(ResumeKeys::new(&random_secret())),
+            instance: alloy::hex::encode(&random_secret()[..8]),
             verifier: Verifier::default(),
             guards: Arc::default(),
             flusher: flusher::Flusher::default(),
@@ -231,11 +240,17 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
     /// window. Without it, a random secret is used: tokens then do not survive a restart.
     pub fn set_resume(&mut self, secret: &[u8], window_secs: u64) {
         self.resume_window_secs = window_secs;
-        self.registry = registry::Registry::new(
-            ResumeKeys::new(secret),
-            Duration::from_secs(window_secs),
-            self.limits.max_connections.saturating_mul(4),
-        );
+        self.registry = registry::Registry::new(ResumeKeys::new(secret));
+    }
+
+    /// How long a session record outlives its session's last write: the resume window.
+    pub(crate) fn resume_window(&self) -> Duration {
+        Duration::from_secs(self.resume_window_secs)
+    }
+
+    /// How long a lease lives unless renewed.
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.limits.lease_ttl_ms.max(3))
     }
 
     /// Monotonic nanoseconds since the server started: the sessions' clock.

@@ -101,9 +101,7 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
                 let channel = event.channel_id();
                 debug!(%channel, ?event, "channel event");
                 state.forget_channel(channel);
-                state
-                    .registry
-                    .chain_update(channel, update_of(event), state.now());
+                state.registry.chain_update(channel, update_of(event));
                 state.metrics.chain_events.fetch_add(1, Ordering::Relaxed);
             }
             from = to + 1;

@@ -36,7 +36,7 @@ use crate::meter::{Exact, Meter, MeterConfig, Nanos, PauseReason, Tariff};
 use crate::protocol::{
     ClientMessage, CloseCode, EndReason, ErrorData, ServerMessage, SignedStateMsg,
 };
-use crate::store::{PendingClaim, StoreError, StoredChannel, StoredVoucher};
+use crate::store::{PendingClaim, SessionRecord, StoreError, StoredChannel, StoredVoucher};
 use requests::{Admission, Requests};
 
 pub use requests::DEFAULT_MAX_REQUESTS_PER_SEC;
@@ -223,7 +223,7 @@ pub struct Opening {
     /// What the store holds for it.
     pub stored: Option<StoredChannel>,
     /// Consumption of an earlier session on the channel that the store may not have yet (a
-    /// write still being retried; a parked session's comes with [`Session::admitted`]).
+    /// write still being retried).
     pub carried: Option<Exact>,
     /// The `open` voucher, its signature already checked against the channel's payer.
     pub voucher: VerifiedState,
@@ -437,20 +437,102 @@ impl Session {
         Ok((session, vec![effect]))
     }
 
-    /// The channel was reserved for this opening session: its resume token, and the exact
-    /// consumption of a session parked on the channel, which this one takes over once its voucher
-    /// is stored (the larger consumption counts: nothing metered is metered again).
-    pub fn admitted(&mut self, resume_token: String, carried: Option<Exact>) {
-        self.resume_token = resume_token;
-        if let Some(carried) = carried
-            && self.phase == Phase::Opening
-            && carried > self.meter.exact_consumed()
-        {
-            self.meter.raise_consumed(carried);
-            self.persisted_consumed = self.persisted_consumed.max(carried);
-            let start = self.meter.consumed();
-            self.counted = (start, start);
+    /// A session resumed from the store (DESIGN.md section 6): its process is gone or another
+    /// one parked it, and this one holds the channel's lease now. It goes on from the stored
+    /// state: the last accepted voucher, the consumption saved (at most one usage interval
+    /// behind what was delivered, in the client's favour), and the record's `seq`; a request
+    /// the record shows streaming ends `interrupted` when it is resumed ([`Session::resume`]).
+    /// `carried` is a consumption of the channel this process still holds for the store.
+    pub fn restore(
+        params: Arc<SessionParams>,
+        record: &SessionRecord,
+        info: ChannelInfo,
+        stored: StoredChannel,
+        carried: Option<Exact>,
+        now: Nanos,
+    ) -> Result<Self, Vec<Effect>> {
+        let (id, next_seq, request) = (record.sid.clone(), record.next_seq, record.request);
+        let channel = Self::channel_for(&params, &info)?;
+        if let Some(amount) = stored.closing {
+            return Err(refuse_channel(
+                "channel_closing",
+                format!("the payee agreed to close this channel at {amount}; open a new channel"),
+            ));
         }
+        let channel = channel.restore_floor(AcceptedState {
+            nonce: stored.voucher.nonce,
+            cumulative: stored.voucher.cumulative,
+            signature: Some(stored.voucher.signature),
+        });
+        let mut consumed = Exact::whole(info.claimed).max(stored.consumed);
+        if let Some(carried) = carried {
+            consumed = consumed.max(carried);
+        }
+        let meter = Meter::resume_from(
+            &params.tariff,
+            params.meter,
+            channel.accepted().cumulative,
+            consumed,
+            now,
+        )
+        .map_err(|e| vec![error("internal_error", e.to_string(), false, None)])?;
+        let mut requests = Requests::default();
+        if let Some(first) = request {
+            requests.start(first);
+            requests.interrupt(next_seq);
+        }
+        let next_usage = now.saturating_add(params.usage_interval_ms.saturating_mul(NS_PER_MS));
+        let next_claim = now.saturating_add(params.claim_interval_ms.saturating_mul(NS_PER_MS));
+        let start = meter.consumed();
+        Ok(Self {
+            params,
+            id,
+            channel,
+            meter,
+            phase: Phase::Open,
+            in_flight: None,
+            seq: next_seq,
+            paused_sent: false,
+            voucher_deadline: None,
+            asked_at: 0,
+            next_usage,
+            recent_vouchers: VecDeque::new(),
+            persisted_consumed: consumed,
+            resume_token: String::new(),
+            requests,
+            counted: (start, start),
+            closing: None,
+            store_probe_at: None,
+            next_claim,
+        })
+    }
+
+    /// The first `seq` of a request that has not ended (streaming, or cut by a disconnect and
+    /// not yet told `interrupted`), for the session record.
+    pub fn unended_request(&self) -> Option<u64> {
+        self.requests.unended()
+    }
+
+    /// The session's lease could not be renewed in time: another process may take the channel,
+    /// so nothing more is delivered (and no time is charged) until it is renewed
+    /// ([`Session::store_recovered`]).
+    pub fn lease_lapsed(&mut self, now: Nanos) -> Vec<Effect> {
+        if self.phase != Phase::Open || self.meter.is_paused(PauseReason::StoreUnavailable) {
+            return Vec::new();
+        }
+        self.meter.pause(PauseReason::StoreUnavailable, now);
+        if self.paused_sent {
+            return Vec::new();
+        }
+        self.paused_sent = true;
+        vec![Effect::Send(ServerMessage::Paused {
+            reason: "store_unavailable".into(),
+        })]
+    }
+
+    /// The channel was reserved for this opening session: its resume token.
+    pub fn admitted(&mut self, resume_token: String) {
+        self.resume_token = resume_token;
     }
 
     /// Moves to `Open`: connects the meter and says `session`.
@@ -589,7 +671,10 @@ impl Session {
                         data.cumulative = data.cumulative.max(stored);
                         data.signature = None;
                     }
-                    StoreError::Unavailable(_) | StoreError::Corrupt { .. } => {}
+                    StoreError::Unavailable(_)
+                    | StoreError::Corrupt { .. }
+                    | StoreError::Fenced { .. }
+                    | StoreError::LeaseHeld => {}
                 }
                 let mut effects = vec![error(e.code(), e.to_string(), true, Some(data))];
                 let outage = matches!(e, StoreError::Unavailable(_) | StoreError::Corrupt { .. });

@@ -31,9 +31,9 @@ pub(super) struct Requests {
     recent: VecDeque<Nanos>,
     /// The request streaming now: the `seq` its first unit gets.
     active: Option<u64>,
-    /// A request cut by a disconnect: the `seq` of its last unit (if any) for the
-    /// `end {interrupted}` sent on resume.
-    interrupted: Option<Option<u64>>,
+    /// A request cut by a disconnect: the `seq` of its first unit, and of its last (if any) for
+    /// the `end {interrupted}` sent on resume.
+    interrupted: Option<(u64, Option<u64>)>,
 }
 
 impl Requests {
@@ -77,14 +77,22 @@ impl Requests {
 
     /// The connection dropped: a streaming request is cut, and ends `interrupted` on resume.
     pub(super) fn interrupt(&mut self, next_seq: u64) {
-        if let Some(last) = self.finish(next_seq) {
-            self.interrupted = Some(last);
+        if let Some(first) = self.active
+            && let Some(last) = self.finish(next_seq)
+        {
+            self.interrupted = Some((first, last));
         }
     }
 
     /// The request a disconnect cut, if any, once.
     pub(super) fn take_interrupted(&mut self) -> Option<Option<u64>> {
-        self.interrupted.take()
+        self.interrupted.take().map(|(_, last)| last)
+    }
+
+    /// The first `seq` of the request that has not ended yet (streaming, or cut and not yet
+    /// told `interrupted`), if any: what a session record keeps.
+    pub(super) fn unended(&self) -> Option<u64> {
+        self.active.or(self.interrupted.map(|(first, _)| first))
     }
 }
 

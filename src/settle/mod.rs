@@ -50,7 +50,8 @@ use crate::chain::{
 use crate::channel::{ChannelInfo, Close, signature};
 use crate::meter::Price;
 use crate::store::{
-    ChannelStore, InFlight, PendingClaim, QueuedClaim, SettlementStore, SkippedClaim, StoreError,
+    ChannelStore, Fence, InFlight, PendingClaim, QueuedClaim, SettlementStore, SkippedClaim,
+    StoreError,
 };
 
 /// A batch is final after 2 blocks on top of it (its own and one more): a one-block reorg does
@@ -631,7 +632,7 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
             let Some(key) = self.close_key.clone() else {
                 // An operator's key cannot sign the payee's `Close`: the claim is settled the
                 // ordinary way, and the payer withdraws the rest after its delay.
-                self.store.queue_claim(claim).await?;
+                self.store.queue_claim(claim, Fence::NONE).await?;
                 self.store.remove_close(claim.channel_id).await?;
                 continue;
             };
@@ -665,7 +666,7 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
                 }
                 Err(e) => {
                     warn!(channel = %claim.channel_id, "cooperative close refused, claiming instead: {e}");
-                    self.store.queue_claim(claim).await?;
+                    self.store.queue_claim(claim, Fence::NONE).await?;
                     self.store.remove_close(claim.channel_id).await?;
                 }
             }

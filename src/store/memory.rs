@@ -3,12 +3,37 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use alloy::primitives::B256;
 
 use super::settlement::{InFlight, QueuedClaim, SettlementStore, SkippedClaim};
-use super::{ChannelStore, PendingClaim, StoreError, StoredChannel, StoredVoucher};
+use super::{
+    ChannelStore, Fence, LeaseStatus, PendingClaim, Resumed, SessionRecord, SessionWrite,
+    StoreError, StoredChannel, StoredVoucher,
+};
 use crate::meter::Exact;
+
+/// A channel's lease and session record.
+#[derive(Debug, Default)]
+struct Tenancy {
+    /// The last fence issued.
+    fence: u64,
+    /// The holder, its fence, and when the lease expires.
+    lease: Option<(String, u64, Instant)>,
+    /// The session record, whether a resume elsewhere wants it, and when it expires.
+    session: Option<(SessionRecord, bool, Instant)>,
+}
+
+impl Tenancy {
+    fn lease(&self) -> Option<&(String, u64, Instant)> {
+        self.lease.as_ref().filter(|l| l.2 > Instant::now())
+    }
+
+    fn session(&mut self) -> Option<&mut (SessionRecord, bool, Instant)> {
+        self.session.as_mut().filter(|s| s.2 > Instant::now())
+    }
+}
 
 /// The settler's records.
 #[derive(Debug, Default)]
@@ -35,6 +60,7 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     channels: Mutex<HashMap<B256, StoredChannel>>,
+    tenancy: Mutex<HashMap<B256, Tenancy>>,
     claims: Mutex<BTreeMap<B256, QueuedClaim>>,
     settlement: Mutex<Settlement>,
     /// When false every operation fails as `Unavailable` (to exercise outage handling).
@@ -58,6 +84,25 @@ impl MemoryStore {
         }
         Ok(())
     }
+
+    /// Up, and the write's fence is the channel's (as the Redis scripts check it; the check
+    /// and the write are not one step here: the memory store serves one process).
+    fn fenced(&self, channel_id: B256, fence: Fence) -> Result<(), StoreError> {
+        self.up()?;
+        if fence == Fence::NONE {
+            return Ok(());
+        }
+        let current = lock(&self.inner.tenancy)
+            .get(&channel_id)
+            .map_or(0, |t| t.fence);
+        if current != fence.0 {
+            return Err(StoreError::Fenced {
+                fence,
+                current: Fence(current),
+            });
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -69,8 +114,9 @@ impl ChannelStore for MemoryStore {
         &self,
         channel_id: B256,
         voucher: StoredVoucher,
+        fence: Fence,
     ) -> Result<(), StoreError> {
-        self.up()?;
+        self.fenced(channel_id, fence)?;
         let mut channels = lock(&self.inner.channels);
         match channels.get_mut(&channel_id) {
             Some(stored) if stored.voucher.nonce >= voucher.nonce => Err(StoreError::StaleNonce {
@@ -106,8 +152,13 @@ impl ChannelStore for MemoryStore {
         Ok(lock(&self.inner.channels).get(&channel_id).copied())
     }
 
-    async fn save_consumed(&self, channel_id: B256, consumed: Exact) -> Result<(), StoreError> {
-        self.up()?;
+    async fn save_consumed(
+        &self,
+        channel_id: B256,
+        consumed: Exact,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
+        self.fenced(channel_id, fence)?;
         if let Some(stored) = lock(&self.inner.channels).get_mut(&channel_id) {
             // As the Redis script: by the rounded-up value, then exactly under one denominator.
             let (old, new) = (stored.consumed.ceil(), consumed.ceil());
@@ -122,8 +173,13 @@ impl ChannelStore for MemoryStore {
         Ok(())
     }
 
-    async fn mark_closing(&self, channel_id: B256, amount: u128) -> Result<(), StoreError> {
-        self.up()?;
+    async fn mark_closing(
+        &self,
+        channel_id: B256,
+        amount: u128,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
+        self.fenced(channel_id, fence)?;
         match lock(&self.inner.channels).get_mut(&channel_id) {
             Some(stored) => {
                 stored.closing.get_or_insert(amount);
@@ -136,8 +192,8 @@ impl ChannelStore for MemoryStore {
         }
     }
 
-    async fn queue_claim(&self, claim: PendingClaim) -> Result<(), StoreError> {
-        self.up()?;
+    async fn queue_claim(&self, claim: PendingClaim, fence: Fence) -> Result<(), StoreError> {
+        self.fenced(claim.channel_id, fence)?;
         let mut claims = lock(&self.inner.claims);
         let entry = claims.entry(claim.channel_id).or_insert(QueuedClaim {
             claim,
@@ -158,13 +214,164 @@ impl ChannelStore for MemoryStore {
             .collect())
     }
 
+    async fn take_lease(
+        &self,
+        channel_id: B256,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Fence, StoreError> {
+        self.up()?;
+        let mut tenancy = lock(&self.inner.tenancy);
+        let t = tenancy.entry(channel_id).or_default();
+        let expires = Instant::now() + ttl;
+        match t.lease() {
+            Some((h, _, _)) if h != holder => Err(StoreError::LeaseHeld),
+            Some((_, fence, _)) => {
+                let fence = *fence;
+                t.lease = Some((holder.to_string(), fence, expires));
+                Ok(Fence(fence))
+            }
+            None => {
+                t.fence += 1;
+                t.lease = Some((holder.to_string(), t.fence, expires));
+                Ok(Fence(t.fence))
+            }
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        channel_id: B256,
+        holder: &str,
+        fence: Fence,
+        ttl: Duration,
+        session_ttl: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        self.up()?;
+        let mut tenancy = lock(&self.inner.tenancy);
+        let Some(t) = tenancy.get_mut(&channel_id) else {
+            return Ok(LeaseStatus::Lost);
+        };
+        let mine = match t.lease() {
+            Some((h, f, _)) => h == holder && *f == fence.0,
+            None => t.fence == fence.0,
+        };
+        if !mine {
+            return Ok(LeaseStatus::Lost);
+        }
+        t.lease = Some((holder.to_string(), fence.0, Instant::now() + ttl));
+        let wanted = match t.session() {
+            Some(session) => {
+                session.2 = Instant::now() + session_ttl;
+                session.1
+            }
+            None => false,
+        };
+        Ok(if wanted {
+            LeaseStatus::Wanted
+        } else {
+            LeaseStatus::Held
+        })
+    }
+
+    async fn release_lease(
+        &self,
+        channel_id: B256,
+        holder: &str,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
+        self.up()?;
+        if let Some(t) = lock(&self.inner.tenancy).get_mut(&channel_id)
+            && t.lease()
+                .is_some_and(|(h, f, _)| h == holder && *f == fence.0)
+        {
+            t.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn put_session(
+        &self,
+        channel_id: B256,
+        record: &SessionRecord,
+        write: SessionWrite,
+        fence: Fence,
+        session_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.fenced(channel_id, fence)?;
+        let mut tenancy = lock(&self.inner.tenancy);
+        let t = tenancy.entry(channel_id).or_default();
+        let expires = Instant::now() + session_ttl;
+        let ours = t.session().is_some_and(|s| s.0.sid == record.sid);
+        match write {
+            SessionWrite::Fresh => t.session = Some((record.clone(), false, expires)),
+            SessionWrite::End if ours => t.session = None,
+            SessionWrite::Progress if ours => {
+                let session = t.session().expect("checked");
+                session.0.next_seq = record.next_seq;
+                session.0.request = record.request;
+                session.0.holder = record.holder.clone();
+                session.2 = expires;
+            }
+            SessionWrite::End | SessionWrite::Progress => {}
+        }
+        Ok(())
+    }
+
+    async fn resume_session(
+        &self,
+        channel_id: B256,
+        sid: &str,
+        jti: &str,
+        new_jti: &str,
+        holder: &str,
+        ttl: Duration,
+        session_ttl: Duration,
+    ) -> Result<Resumed, StoreError> {
+        self.up()?;
+        let mut tenancy = lock(&self.inner.tenancy);
+        let Some(t) = tenancy.get_mut(&channel_id) else {
+            return Ok(Resumed::Unknown);
+        };
+        let held_by_other = t.lease().is_some_and(|(h, _, _)| h != holder);
+        let Some(session) = t.session() else {
+            return Ok(Resumed::Unknown);
+        };
+        if session.0.sid != sid {
+            return Ok(Resumed::Unknown);
+        }
+        if session.0.jti != jti {
+            return Ok(Resumed::Used);
+        }
+        if held_by_other {
+            session.1 = true;
+            return Ok(Resumed::Busy);
+        }
+        let record = session.0.clone();
+        session.0.jti = new_jti.to_string();
+        session.0.holder = holder.to_string();
+        session.1 = false;
+        session.2 = Instant::now() + session_ttl;
+        t.fence += 1;
+        t.lease = Some((holder.to_string(), t.fence, Instant::now() + ttl));
+        let fence = Fence(t.fence);
+        drop(tenancy);
+        Ok(Resumed::Taken {
+            record: SessionRecord {
+                jti: new_jti.to_string(),
+                ..record
+            },
+            fence,
+            stored: Box::new(lock(&self.inner.channels).get(&channel_id).copied()),
+        })
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.up()
     }
 }
 
 impl MemoryStore {
-    /// Removes the claim of `channel` if it is for at most `amount`.
     /// Removes the claim queued for `channel` if it is for at most `amount`; a larger one stays,
     /// its age counted from now (as in Redis).
     fn settle_claim(&self, channel: B256, amount: u128) {

@@ -37,6 +37,11 @@ impl Redis {
 
     /// Starts on a given port (used to restart on the same port after a stop).
     pub fn try_start(port: u16) -> Option<Self> {
+        Self::try_start_with(port, &[])
+    }
+
+    /// Starts on `port` with more arguments.
+    fn try_start_with(port: u16, extra: &[&str]) -> Option<Self> {
         let bin = super::anvil::tool("redis-server");
         let mut child = Command::new(bin)
             .args([
@@ -49,6 +54,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -110,5 +116,77 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback, formed with
+/// `redis-cli --cluster create`; every node is stopped when it drops.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+    _dir: super::faults::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled redis-servers, joins them, and waits until every node says
+    /// the cluster is `ok` (all 16,384 slots served).
+    pub fn start() -> Self {
+        let dir = super::faults::TempDir::new("cluster");
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("nodes-{port}.conf"));
+            let conf = conf.to_str().unwrap().to_string();
+            let dir_arg = dir.path().to_str().unwrap().to_string();
+            if let Some(node) = Redis::try_start_with(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--dir",
+                    &dir_arg,
+                ],
+            ) {
+                nodes.push(node);
+            }
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new(super::anvil::tool("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster create: {status}");
+        let cluster = Self { nodes, _dir: dir };
+        // The nodes learn of each other by gossip: each says `cluster_state:ok` once it does.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for node in &cluster.nodes {
+            let client = redis::Client::open(node.url.as_str()).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster did not form: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The nodes' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url.clone()).collect()
     }
 }
