@@ -35,6 +35,10 @@ fn start(args: &[&str], env: &[(&str, String)], ready: &str) -> Process {
     command
         .args(args)
         .env_remove("PAYSTREAM_PAYEE_KEY")
+        .env(
+            "PAYSTREAM_JWT_SECRET",
+            "a shared secret of at least 32 bytes, for tests",
+        )
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped());
     for (k, v) in env {

@@ -1119,18 +1119,20 @@ async fn a_claim_left_after_a_payment_counts_its_age_from_the_payment() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let field = ids[0].to_string();
+    // The claim is the channel record's `q` field (docs/STORE.md).
+    let key = format!("{PREFIX}ch:{{{}}}", ids[0]);
+    let field = "q";
     let record: String = redis::cmd("HGET")
-        .arg(format!("{PREFIX}claims"))
-        .arg(&field)
+        .arg(&key)
+        .arg(field)
         .query_async(&mut conn)
         .await
         .unwrap();
     let (head, since) = record.rsplit_once('|').unwrap();
     let old = since.parse::<u64>().unwrap() - 7_200;
     let _: i64 = redis::cmd("HSET")
-        .arg(format!("{PREFIX}claims"))
-        .arg(&field)
+        .arg(&key)
+        .arg(field)
         .arg(format!("{head}|{old}"))
         .query_async(&mut conn)
         .await

@@ -365,6 +365,9 @@ impl<B: Backend> Payer<B> {
             reconnect: Reconnect::within(Duration::from_secs(window_secs.max(1))),
             reconnects: 0,
             total: Count::default(),
+            acked: (0, 0),
+            request_open: false,
+            awaiting_end: false,
             domain: ChannelDomain::new(chain_id, self.chain.address()),
             key: self.key.clone(),
             channel,
@@ -426,6 +429,14 @@ pub struct PaySession {
     reconnects: u64,
     /// Everything received over the session's connections (the `count` restarts at a re-open).
     total: Count,
+    /// The last state the server acknowledged as stored (`session` or `voucher_ack`).
+    acked: (u64, u128),
+    /// A request was sent and its `end` has not come.
+    request_open: bool,
+    /// Resumed with a request open: the server says `end {interrupted}` right after `session`
+    /// if it recorded the request; if anything else comes first, it never started it (a crash
+    /// between the request and its record), and the client ends it the same way itself.
+    awaiting_end: bool,
     domain: ChannelDomain,
     key: SigningKey,
     channel: B256,
@@ -551,6 +562,11 @@ impl PaySession {
         self.total.messages
     }
 
+    /// The last state (nonce, cumulative) the server acknowledged as stored.
+    pub fn acknowledged(&self) -> (u64, u128) {
+        self.acked
+    }
+
     /// Times the session reconnected.
     pub fn reconnects(&self) -> u64 {
         self.reconnects
@@ -639,6 +655,7 @@ impl PaySession {
                         self.resume_token = Some(resume_token);
                         self.nonce = nonce;
                         self.cumulative = cumulative;
+                        self.acked = self.acked.max((nonce, cumulative));
                         self.consumed = consumed;
                         // What earlier sessions consumed counts only up to what this client
                         // can prove they authorized: a server that overstates it gains no
@@ -732,6 +749,7 @@ impl PaySession {
         let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
         self.count.bytes_in += bytes;
         self.total.bytes_in += bytes;
+        self.request_open = true;
         self.send_json(&ClientMessage::Request { body }).await
     }
 
@@ -766,7 +784,21 @@ impl PaySession {
             let event = match received {
                 Ok(None) => unreachable!("mapped above"),
                 Ok(Some(Incoming::Binary(bytes))) => Some(Event::Binary(bytes)),
-                Ok(Some(Incoming::Server(message))) => self.on_server_message(message)?,
+                Ok(Some(Incoming::Server(message))) => {
+                    if std::mem::take(&mut self.awaiting_end)
+                        && !matches!(message, ServerMessage::End { .. })
+                    {
+                        // The request was lost with the old connection before it started.
+                        self.request_open = false;
+                        let then = self.on_server_message(message)?;
+                        self.queued.extend(then);
+                        return Ok(Some(Event::End {
+                            seq: None,
+                            reason: "interrupted".into(),
+                        }));
+                    }
+                    self.on_server_message(message)?
+                }
                 Err(e) if e.reconnectable() && self.reconnect.max_attempts > 0 => {
                     Some(self.reconnect_after(e).await?)
                 }
@@ -825,6 +857,15 @@ impl PaySession {
             match result {
                 Ok(()) => {
                     self.reconnects += 1;
+                    if resumed {
+                        self.awaiting_end = self.request_open;
+                    } else if std::mem::take(&mut self.request_open) {
+                        // A new session: the old one's request ended with it.
+                        self.queued.push_back(Event::End {
+                            seq: None,
+                            reason: "interrupted".into(),
+                        });
+                    }
                     return Ok(Event::Reconnected { resumed, attempts });
                 }
                 Err(e) if e.reconnectable() => last = e.to_string(),
@@ -879,6 +920,7 @@ impl PaySession {
                     self.session_id = Some(session_id);
                     self.resume_token = Some(resume_token);
                     self.consumed = consumed;
+                    self.acked = self.acked.max((nonce, cumulative));
                     self.ask = None;
                     // A voucher the server did not store before the loss (it crashed, or the
                     // store lost it) is sent again: the same signed state.
@@ -927,10 +969,13 @@ impl PaySession {
                 None
             }
             ServerMessage::VoucherAck {
-                nonce, consumed, ..
+                nonce,
+                cumulative,
+                consumed,
             } => {
                 self.check_claim(consumed)?;
                 self.consumed = consumed;
+                self.acked = self.acked.max((nonce, cumulative));
                 if self.unacked.as_ref().is_some_and(|(v, _)| v.nonce <= nonce) {
                     self.unacked = None;
                 }
@@ -959,7 +1004,10 @@ impl PaySession {
                 }
                 Some(Event::Error { code, message })
             }
-            ServerMessage::End { seq, reason } => Some(Event::End { seq, reason }),
+            ServerMessage::End { seq, reason } => {
+                self.request_open = false;
+                Some(Event::End { seq, reason })
+            }
             ServerMessage::Session { .. } | ServerMessage::Receipt { .. } => None,
         })
     }

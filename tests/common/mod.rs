@@ -6,5 +6,6 @@ pub mod anvil;
 pub mod faults;
 pub mod raw;
 pub mod redis;
+pub mod serve;
 pub mod stack;
 pub mod vectors;
