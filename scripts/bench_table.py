@@ -19,6 +19,10 @@ TABLES = {
     "stream": [
         ("stream_throughput", "unpaid"),
     ],
+    "store": [
+        ("store_voucher_commits", "save_voucher/1_sessions"),
+        ("store_restart_to_resume", "first_resume/0_channels_stored"),
+    ],
 }
 
 
@@ -43,7 +47,7 @@ def main():
             rows.append((name, ns / elements, 1e9 * elements / ns))
         if not rows:
             continue
-        ref = next((r for r in rows if r[0].split("/")[0] == reference), None)
+        ref = next((r for r in rows if reference in (r[0], r[0].split("/")[0])), None)
         print(f"\n{group}")
         print(f"{'function':<34} {'ns/op':>12} {'ops/s':>14} {'vs ' + (reference or '-'):>26}")
         for name, ns, ops in rows:
