@@ -20,8 +20,8 @@ TABLES = {
         ("stream_throughput", "unpaid"),
     ],
     "store": [
-        ("store_voucher_commits", "save_voucher/1_sessions"),
-        ("store_restart_to_resume", "first_resume/0_channels_stored"),
+        ("store_voucher_commits", "save_voucher_1_sessions"),
+        ("store_restart_to_resume", "first_resume_0_channels_stored"),
     ],
 }
 
