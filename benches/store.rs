@@ -194,7 +194,8 @@ fn voucher_commits(c: &mut Criterion) {
             let fence = store
                 .take_lease(channel, "bench", Duration::from_secs(3_600))
                 .await
-                .unwrap();
+                .unwrap()
+                .0;
             out.push((channel, fence));
         }
         out

@@ -417,6 +417,116 @@ async fn a_lying_server_gets_no_free_window_from_its_session_consumed() {
     reader.abort();
 }
 
+/// A server that drops the connection, refuses the resume, and on the client's re-open says
+/// the channel's earlier consumption was the whole credit signed, then asks for more: before,
+/// the client believed it (it signed that credit), signed another window with nothing
+/// delivered, and a server repeating this drained the deposit a window at a time. Now what it
+/// believes of earlier consumption is bounded by its own count of what it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dropping_connections_cannot_drain_the_deposit_through_re_opens() {
+    let stack = Stack::start(Options::new(
+        r#"{"perMessage":{"amount":"1","per":"1000"}}"#,
+    ))
+    .await;
+    let mut challenge = fetch_challenge(&format!("{}/tokens", stack.url))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/tokens", listener.local_addr().unwrap());
+    let (tx, mut signed) = tokio::sync::mpsc::unbounded_channel::<(u64, u128)>();
+    tokio::spawn(async move {
+        for round in 0..6 {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                continue;
+            };
+            let send = |m: &ServerMessage| Message::Text(encode_server(m).into());
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                match decode_client(&text) {
+                    Ok(ClientMessage::Open(v)) => {
+                        let _ = tx.send((v.nonce, v.cumulative));
+                        let mut session = session_of(per_thousandth());
+                        if let ServerMessage::Session {
+                            nonce,
+                            cumulative,
+                            consumed,
+                            ..
+                        } = &mut session
+                        {
+                            (*nonce, *cumulative) = (v.nonce, v.cumulative);
+                            // After the first round: "all of it was consumed before".
+                            *consumed = if round == 0 { 0 } else { v.cumulative };
+                        }
+                        let ask = ServerMessage::NeedVoucher {
+                            consumed: v.cumulative,
+                            cumulative: v.cumulative,
+                            suggested: v.cumulative + 2,
+                            deadline_ms: 30_000,
+                        };
+                        let _ = ws.send(send(&session)).await;
+                        let _ = ws.send(send(&ask)).await;
+                        // Then the connection drops.
+                        break;
+                    }
+                    Ok(ClientMessage::Voucher(v)) => {
+                        let _ = tx.send((v.nonce, v.cumulative));
+                    }
+                    Ok(ClientMessage::Resume { .. }) => {
+                        let refused = ServerMessage::Error {
+                            code: "bad_resume_token".into(),
+                            message: "unknown session".into(),
+                            retriable: false,
+                            data: None,
+                        };
+                        let _ = ws.send(send(&refused)).await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    challenge.accepts[0].extra.ws_endpoint = url;
+    let mut policy = policy(stack.chain_id);
+    policy.max_credit_window = 2;
+    let client = payer(&stack, policy).await;
+    let mut session = client
+        .start(&challenge, B256::repeat_byte(7), 1_000)
+        .await
+        .unwrap();
+    session.set_reconnect(paystream::client::Reconnect {
+        first_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        max_wait: Duration::from_secs(30),
+        max_attempts: 12,
+    });
+    // The client follows the server through its drops, refused resumes and re-opens, until
+    // it stops believing it or gives up.
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(60), session.next())
+            .await
+            .expect("the client ends one way or another")
+        {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let mut vouchers = Vec::new();
+    while let Ok(v) = signed.try_recv() {
+        vouchers.push(v);
+    }
+    assert!(
+        vouchers.len() >= 2,
+        "the client re-opened at least once: {vouchers:?}"
+    );
+    assert!(
+        vouchers.iter().all(|(_, cumulative)| *cumulative <= 2),
+        "nothing was delivered: the client signs no credit beyond its first window: {vouchers:?} ({outcome:?})"
+    );
+}
+
 /// What a fake upstream does.
 #[derive(Clone, Copy)]
 enum Upstream {

@@ -424,3 +424,122 @@ async fn a_frozen_lease_holder_is_fenced_once_its_channel_moved_on() {
         .await;
     drop(b);
 }
+
+/// The same guarantee when the lease holder is not frozen but cut off from Redis: it stops
+/// delivering at its lease's deadline, the session moves to another server, and when Redis is
+/// reachable again the first holder's store probe does not let it deliver again (it waits for a
+/// lease renewal, which finds the lease lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_from_redis_never_delivers_beside_the_new_one() {
+    let fleet = Fleet::start().await;
+    let redis_addr: std::net::SocketAddr = fleet
+        .redis
+        .url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = common::faults::Proxy::start(redis_addr).await;
+    let (pa, pb) = (free_port(), free_port());
+    let a = fleet.serve_on(
+        pa,
+        &format!("http://127.0.0.1:{pa}"),
+        &format!("redis://{}/", proxy.addr),
+        FAST,
+    );
+    let b = fleet.serve(pb, &format!("http://127.0.0.1:{pb}"), FAST);
+    let chain = Channels::at(
+        RpcBackend::connect(&fleet.anvil.url, dev_signer(1))
+            .await
+            .unwrap(),
+        fleet.contract,
+    );
+    let channel = chain
+        .open(
+            fleet.payee(),
+            Address::ZERO,
+            B256::repeat_byte(4),
+            10_000,
+            3_600,
+        )
+        .await
+        .unwrap()
+        .0;
+    let domain = ChannelDomain::new(fleet.chain_id, fleet.contract);
+    let mut on_a = Client::connect(&a.url, domain, channel).await;
+    let ServerMessage::Session { resume_token, .. } = on_a.open(1, 1_000).await else {
+        panic!("no session");
+    };
+    on_a.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 1_000 }),
+    })
+    .await;
+    on_a.recv_until(|m| matches!(m, ServerMessage::App { seq: 10, .. }))
+        .await;
+
+    // A loses Redis: a voucher it cannot store pauses it for the store (probed every second),
+    // and its lease renewals fail.
+    proxy.set(common::faults::Mode::Refuse).await;
+    let v = on_a.voucher(2, 2_000);
+    on_a.send(&ClientMessage::Voucher(v)).await;
+    let on_a = tokio::spawn(record(on_a));
+
+    // B takes the session once A's lease has lapsed in Redis.
+    let (taken, mut on_b) = loop {
+        let mut c = Client::connect(&b.url, domain, channel).await;
+        c.send(&ClientMessage::Resume {
+            token: resume_token.clone(),
+        })
+        .await;
+        let m = c
+            .recv_until(|m| {
+                matches!(
+                    m,
+                    ServerMessage::Session { .. } | ServerMessage::Error { .. }
+                )
+            })
+            .await
+            .pop()
+            .unwrap();
+        match m {
+            ServerMessage::Session { .. } => break (Instant::now(), c),
+            ServerMessage::Error { code, .. } if code == "channel_busy" => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    on_b.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 40 }),
+    })
+    .await;
+    on_b.recv_until(|m| matches!(m, ServerMessage::App { .. }))
+        .await;
+
+    // Redis is back for A: its probe answers, but only a lease renewal could let it deliver,
+    // and the renewal finds the lease lost.
+    proxy.set(common::faults::Mode::Forward).await;
+    on_b.recv_until(|m| matches!(m, ServerMessage::End { .. }))
+        .await;
+    let (seen, code) = tokio::time::timeout(Duration::from_secs(30), on_a)
+        .await
+        .expect("A lets the session go")
+        .unwrap();
+    let late: Vec<_> = seen
+        .iter()
+        .filter(|(at, m)| *at >= taken && matches!(m, ServerMessage::App { .. }))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "A delivered after B took the session: {late:?}"
+    );
+    assert!(
+        seen.iter().any(
+            |(_, m)| matches!(m, ServerMessage::Error { code, .. } if code == "session_superseded")
+        ),
+        "{:?}",
+        seen.iter().map(|(_, m)| m).collect::<Vec<_>>()
+    );
+    assert_eq!(code, Some(4409));
+    assert_eq!(a.wait_metric("paystream_leases_lost_total", 1).await, 1);
+}

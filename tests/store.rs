@@ -254,6 +254,7 @@ fn record(sid: &str, jti: &str, holder: &str) -> SessionRecord {
         next_seq: 0,
         request: None,
         holder: holder.into(),
+        parked: false,
     }
 }
 
@@ -264,13 +265,21 @@ async fn lease_contract<S: ChannelStore>(store: &S) {
     let id = B256::repeat_byte(0x51);
     let ttl = Duration::from_secs(30);
     let window = Duration::from_secs(300);
-    let f1 = store.take_lease(id, "a", ttl).await.unwrap();
-    assert!(f1 > Fence::NONE);
+    let (f0, stored) = store.take_lease(id, "a", ttl).await.unwrap();
+    assert!(f0 > Fence::NONE);
+    assert_eq!(stored, None, "no voucher stored yet");
     assert_eq!(
         store.take_lease(id, "b", ttl).await,
         Err(StoreError::LeaseHeld)
     );
-    assert_eq!(store.take_lease(id, "a", ttl).await.unwrap(), f1);
+    // Taken again by its holder (a new session of the same process): a new fence, and the
+    // old one's writes are refused.
+    let (f1, _) = store.take_lease(id, "a", ttl).await.unwrap();
+    assert!(f1 > f0);
+    assert!(matches!(
+        store.save_voucher(id, voucher(1, 10), f0).await,
+        Err(StoreError::Fenced { .. })
+    ));
     store.save_voucher(id, voucher(1, 10), f1).await.unwrap();
     store
         .put_session(
@@ -290,7 +299,12 @@ async fn lease_contract<S: ChannelStore>(store: &S) {
     // a lets go; b takes the channel with a higher fence. a's writes are refused from then on,
     // and change nothing.
     store.release_lease(id, "a", f1).await.unwrap();
-    let f2 = store.take_lease(id, "b", ttl).await.unwrap();
+    let (f2, stored) = store.take_lease(id, "b", ttl).await.unwrap();
+    assert_eq!(
+        stored.map(|s| s.voucher),
+        Some(voucher(1, 10)),
+        "the channel is read in the step that takes the lease"
+    );
     assert!(f2 > f1);
     let fenced = Err(StoreError::Fenced {
         fence: f1,
@@ -478,7 +492,7 @@ async fn lease_contract<S: ChannelStore>(store: &S) {
     }
 
     // A new session replaces the record: the old one's tokens die with it.
-    let g = store.take_lease(id, "a", ttl).await.unwrap();
+    let (g, _) = store.take_lease(id, "a", ttl).await.unwrap();
     store
         .put_session(id, &record("s2", "k1", "a"), SessionWrite::Fresh, g, window)
         .await
@@ -496,7 +510,7 @@ async fn lease_contract<S: ChannelStore>(store: &S) {
     // wait is the scenario (a holder that stopped renewing), not a synchronization.
     let lapsing = B256::repeat_byte(0x52);
     let short = Duration::from_millis(150);
-    let h1 = store.take_lease(lapsing, "a", short).await.unwrap();
+    let (h1, _) = store.take_lease(lapsing, "a", short).await.unwrap();
     assert_eq!(
         store.take_lease(lapsing, "b", ttl).await,
         Err(StoreError::LeaseHeld)
@@ -511,7 +525,7 @@ async fn lease_contract<S: ChannelStore>(store: &S) {
         LeaseStatus::Held
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let h2 = store.take_lease(lapsing, "b", ttl).await.unwrap();
+    let (h2, _) = store.take_lease(lapsing, "b", ttl).await.unwrap();
     assert!(h2 > h1);
     assert_eq!(
         store

@@ -108,11 +108,12 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the session's connection is gone in a way a reconnect can mend: the socket
     /// dropped or went silent, or the server closed with 1001 (going away), 1011 (internal
-    /// error) or 1012 (restarting).
+    /// error), 1012 (restarting), or 1008 (to a session, that is the idle close: the client
+    /// answered no heartbeat for 30 s, its session was parked and can be resumed).
     pub fn reconnectable(&self) -> bool {
         match self {
             Self::Connection(_) | Self::Closed(None) => true,
-            Self::Closed(Some(code)) => matches!(code, 1001 | 1006 | 1011 | 1012),
+            Self::Closed(Some(code)) => matches!(code, 1001 | 1006 | 1008 | 1011 | 1012),
             _ => false,
         }
     }
@@ -137,6 +138,11 @@ pub const DEFAULT_RECONNECT_FIRST_DELAY_MS: u64 = 100;
 pub const DEFAULT_RECONNECT_MAX_DELAY_MS: u64 = 5_000;
 /// 100 attempts: with 5 s between the later ones, past a 5-minute resume window.
 pub const DEFAULT_RECONNECT_MAX_ATTEMPTS: u32 = 100;
+/// A connection attempt (TCP, TLS and the upgrade) that takes longer than 10 s is given up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `close` waits for the receipt: the server's transaction timeout (2 min) for a
+/// cooperative close, and some.
+const CLOSE_WAIT: Duration = Duration::from_secs(150);
 
 impl Reconnect {
     /// The defaults, giving up after `max_wait`.
@@ -362,12 +368,15 @@ impl<B: Backend> Payer<B> {
             url,
             liveness: (heartbeat > 0)
                 .then(|| Duration::from_millis(heartbeat.saturating_mul(3).saturating_add(1_000))),
-            reconnect: Reconnect::within(Duration::from_secs(window_secs.max(1))),
+            // The window to resume, and as long again to open the channel afresh after it.
+            reconnect: Reconnect::within(Duration::from_secs(window_secs.max(1).saturating_mul(2))),
             reconnects: 0,
             total: Count::default(),
             acked: (0, 0),
             request_open: false,
             awaiting_end: false,
+            earned: None,
+            reconnecting: None,
             domain: ChannelDomain::new(chain_id, self.chain.address()),
             key: self.key.clone(),
             channel,
@@ -437,6 +446,15 @@ pub struct PaySession {
     /// if it recorded the request; if anything else comes first, it never started it (a crash
     /// between the request and its record), and the client ends it the same way itself.
     awaiting_end: bool,
+    /// At a re-open within a session: what this client's own count says the session's earlier
+    /// connections were worth. The server's word about earlier consumption counts only up to
+    /// it (not up to the credit signed, which a server dropping connections could otherwise
+    /// claim, a window at a time, without delivering anything).
+    earned: Option<u128>,
+    /// When the reconnects since the last progress (a unit or an acknowledged voucher) began,
+    /// and how many attempts they made: a server that accepts every reconnect and fails at once
+    /// is given up on after the same budget as one that never answers.
+    reconnecting: Option<(Instant, u32)>,
     domain: ChannelDomain,
     key: SigningKey,
     channel: B256,
@@ -643,11 +661,16 @@ impl PaySession {
                             )));
                         }
                         // The channel's earlier consumption can never exceed what was
-                        // authorized before this session.
-                        if consumed > cumulative {
+                        // authorized before this session, nor (at a re-open) what this client
+                        // received on it plus one window.
+                        let limit = match self.earned {
+                            Some(earned) => cumulative.min(earned.saturating_add(self.window)),
+                            None => cumulative,
+                        };
+                        if consumed > limit {
                             return Err(ClientError::ServerOverclaims {
                                 claimed: consumed,
-                                received: cumulative,
+                                received: self.earned.unwrap_or(cumulative),
                                 window: self.window,
                             });
                         }
@@ -661,6 +684,9 @@ impl PaySession {
                         // can prove they authorized: a server that overstates it gains no
                         // credit from it.
                         self.baseline = consumed.min(self.proven);
+                        if let Some(earned) = self.earned {
+                            self.baseline = self.baseline.min(earned);
+                        }
                         self.vouchers += 1;
                         return Ok(());
                     }
@@ -745,12 +771,25 @@ impl PaySession {
     }
 
     /// Sends an application request (e.g. a prompt).
+    /// A connection found lost on the way is reconnected first (the `Reconnected` event comes
+    /// with the next [`PaySession::next`]).
     pub async fn request(&mut self, body: serde_json::Value) -> Result<(), ClientError> {
         let bytes = serde_json::to_vec(&body).map_or(0, |b| b.len() as u64);
         self.count.bytes_in += bytes;
         self.total.bytes_in += bytes;
-        self.request_open = true;
-        self.send_json(&ClientMessage::Request { body }).await
+        let message = ClientMessage::Request { body };
+        match self.send_json(&message).await {
+            Err(e) if e.reconnectable() && self.reconnect.max_attempts > 0 => {
+                let event = self.reconnect_after(e).await?;
+                self.queued.push_back(event);
+                self.request_open = true;
+                self.send_json(&message).await
+            }
+            sent => {
+                self.request_open = true;
+                sent
+            }
+        }
     }
 
     /// Checks a claimed consumption against the client's count plus one window.
@@ -827,13 +866,15 @@ impl PaySession {
     /// backoff while the server is unreachable, restarting, or still letting the session go
     /// elsewhere (`channel_busy`).
     async fn reconnect_after(&mut self, lost: ClientError) -> Result<Event, ClientError> {
-        let started = Instant::now();
+        // The budget runs from the first loss since the last progress, across reconnects that
+        // came back and failed again at once.
+        let (started, mut attempts) = *self.reconnecting.get_or_insert((Instant::now(), 0));
         let mut last = lost.to_string();
-        let mut attempts = 0u32;
         loop {
             if attempts >= self.reconnect.max_attempts
                 || started.elapsed() >= self.reconnect.max_wait
             {
+                self.reconnecting = None;
                 return Err(ClientError::Reconnect {
                     attempts,
                     secs: started.elapsed().as_secs(),
@@ -841,11 +882,22 @@ impl PaySession {
                 });
             }
             attempts += 1;
+            self.reconnecting = Some((started, attempts));
             tokio::time::sleep(self.reconnect.delay(attempts)).await;
-            match connect(&self.url).await {
-                Ok(ws) => self.ws = ws,
-                Err(e) => {
+            // A server that takes the TCP connection and never answers the upgrade (frozen, or
+            // a balancer's dead backend) costs one attempt, not the session.
+            let limit = self
+                .liveness
+                .unwrap_or(CONNECT_TIMEOUT)
+                .min(CONNECT_TIMEOUT);
+            match tokio::time::timeout(limit, connect(&self.url)).await {
+                Ok(Ok(ws)) => self.ws = ws,
+                Ok(Err(e)) => {
                     last = e.to_string();
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{}: no upgrade within {} ms", self.url, limit.as_millis());
                     continue;
                 }
             }
@@ -860,6 +912,7 @@ impl PaySession {
                     if resumed {
                         self.awaiting_end = self.request_open;
                     } else if std::mem::take(&mut self.request_open) {
+                        self.awaiting_end = false;
                         // A new session: the old one's request ended with it.
                         self.queued.push_back(Event::End {
                             seq: None,
@@ -924,13 +977,14 @@ impl PaySession {
                     self.ask = None;
                     // A voucher the server did not store before the loss (it crashed, or the
                     // store lost it) is sent again: the same signed state.
-                    match self.unacked.take() {
+                    match self.unacked.clone() {
                         Some((voucher, _)) if voucher.nonce > nonce => {
-                            self.send_json(&ClientMessage::Voucher(voucher.clone()))
-                                .await?;
-                            self.unacked = Some((voucher, false));
+                            self.unacked = Some((voucher.clone(), false));
+                            // Kept as unacknowledged whatever happens to this send: the next
+                            // resume sends it again.
+                            self.send_json(&ClientMessage::Voucher(voucher)).await?;
                         }
-                        _ => {}
+                        _ => self.unacked = None,
                     }
                     return Ok(());
                 }
@@ -943,12 +997,15 @@ impl PaySession {
     }
 
     /// Opens the channel again on the new connection, with a fresh voucher: the next nonce, at
-    /// least the cumulative already signed. Every state this client signed proves what the
-    /// channel's earlier sessions may have consumed; the count starts again from the server's
-    /// word about that (up to what is proven).
+    /// least the cumulative already signed. The count starts again from the server's word about
+    /// what was consumed before, believed only up to what this client's own count says it
+    /// received (a server claiming more than that plus one window is refused).
     async fn reopen(&mut self) -> Result<(), ClientError> {
-        self.proven = self.proven.max(self.cumulative);
+        let earned = self.received_worth();
+        self.earned = Some(self.earned.map_or(earned, |e| e.max(earned)));
+        self.proven = self.proven.max(earned);
         self.count = Count::default();
+        self.baseline = 0;
         self.ask = None;
         self.unacked = None;
         self.open().await
@@ -958,7 +1015,10 @@ impl PaySession {
     /// server states against the client's own count.
     fn on_server_message(&mut self, message: ServerMessage) -> Result<Option<Event>, ClientError> {
         Ok(match message {
-            ServerMessage::App { seq, data } => Some(Event::App { seq, data }),
+            ServerMessage::App { seq, data } => {
+                self.reconnecting = None;
+                Some(Event::App { seq, data })
+            }
             ServerMessage::NeedVoucher {
                 consumed,
                 suggested,
@@ -976,6 +1036,7 @@ impl PaySession {
                 self.check_claim(consumed)?;
                 self.consumed = consumed;
                 self.acked = self.acked.max((nonce, cumulative));
+                self.reconnecting = None;
                 if self.unacked.as_ref().is_some_and(|(v, _)| v.nonce <= nonce) {
                     self.unacked = None;
                 }
@@ -1037,12 +1098,14 @@ impl PaySession {
             ClientError::Connection("the channel's nonce is exhausted; open another channel".into())
         })?;
         let v = self.voucher(nonce, target);
-        self.send_json(&ClientMessage::Voucher(v.clone())).await?;
-        self.unacked = Some((v, false));
+        // Signed is signed: the state is the client's before the send (which may fail after the
+        // frame left), so a later resume finds it and sends it again.
+        self.unacked = Some((v.clone(), false));
         self.ask = None;
         self.nonce = nonce;
         self.cumulative = target;
         self.vouchers += 1;
+        self.send_json(&ClientMessage::Voucher(v)).await?;
         Ok(Some(Event::VoucherSigned {
             nonce,
             cumulative: target,
@@ -1057,6 +1120,9 @@ impl PaySession {
     /// Ends the session (closing the channel cooperatively when asked) and checks the receipt
     /// against the client's own count. A connection lost on the way is reconnected first.
     pub async fn close(mut self, close_channel: bool) -> Result<Receipt, ClientError> {
+        // A cooperative close waits for its transaction on the server, heartbeats included:
+        // give it the server's transaction timeout (2 min) before calling the server gone.
+        self.liveness = self.liveness.map(|l| l.max(CLOSE_WAIT));
         let mut sent = self
             .send_json(&ClientMessage::Close { close_channel })
             .await;

@@ -69,6 +69,9 @@ pub enum PauseReason {
     /// The client's heartbeat lapsed (no Pong within the liveness time): delivery waits for
     /// the next Pong, as the clock does.
     Unresponsive = 16,
+    /// The server's lease on the channel was not renewed in time: another server may be about
+    /// to serve it, so this one delivers nothing until the lease is renewed.
+    LeaseLapsed = 32,
 }
 
 /// What the meter asks the client for.

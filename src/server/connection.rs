@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use super::ServerState;
 use super::guard::Unauthenticated;
-use super::lease::Lease;
+use super::lease::{Held, LeaseNews};
 use super::metrics::Metrics;
 use super::registry::{ChainView, Refusal, Ticket};
 use super::resource::{Ended, Resource, Unit};
@@ -38,8 +38,8 @@ use crate::protocol::{
 use crate::session::resume::{ResumeClaims, ResumeError};
 use crate::session::{ChainUpdate, Effect, Opening, Session, parse_voucher};
 use crate::store::{
-    ChannelStore, Fence, LeaseStatus, PendingClaim, Resumed, SessionRecord, SessionWrite,
-    SettlementStore, StoreError,
+    ChannelStore, Fence, PendingClaim, Resumed, SessionRecord, SessionWrite, SettlementStore,
+    StoreError,
 };
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -81,9 +81,16 @@ struct Connection<C, S> {
     errors_without_session: u32,
     /// The session was counted in `sessions_active`.
     counted_active: bool,
-    /// The session's lease on its channel: every money write carries its fence, and nothing
-    /// is delivered past its deadline unless it was renewed.
-    lease: Option<Lease>,
+    /// The session's lease on its channel (renewed by the process's keeper): every money write
+    /// carries its fence, and nothing is delivered past its deadline.
+    lease: Option<Arc<Held>>,
+    /// The keeper's news of the lease.
+    lease_news: Option<watch::Receiver<LeaseNews>>,
+    /// Delivery is paused because the lease's deadline passed unrenewed.
+    lapsed: bool,
+    /// The store refused a write of this session for a stale fence: another process has the
+    /// channel, and this connection lets the session go.
+    lost: bool,
     /// The one-time id of the session's current resume token (its store record's).
     jti: String,
     /// What the session record holds of the session's progress (`seq`, request), as last
@@ -118,6 +125,9 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         errors_without_session: 0,
         counted_active: false,
         lease: None,
+        lease_news: None,
+        lapsed: false,
+        lost: false,
         jti: String::new(),
         recorded: (0, None),
     };
@@ -138,7 +148,13 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
             Some(s) => s.next_wakeup(),
             None => Some(opened_by),
         };
-        let wake = match (wake, conn.lease.as_ref().map(Lease::next_wakeup)) {
+        // The lease's deadline (renewals move it later before it comes, in a healthy process).
+        let lease_wake = conn
+            .lease
+            .as_ref()
+            .filter(|_| !conn.lapsed)
+            .map(|l| l.deadline());
+        let wake = match (wake, lease_wake) {
             (Some(w), Some(l)) => Some(w.min(l)),
             (w, l) => w.or(l),
         };
@@ -154,9 +170,20 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         }
         let can_take =
             conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
+        if conn.lost {
+            conn.lost = false;
+            if let Flow::Closed = conn
+                .superseded("another server took this session's channel over")
+                .await
+            {
+                break;
+            }
+            continue;
+        }
         let flow = tokio::select! {
             biased;
             _ = stop.changed() => conn.shutdown().await,
+            news = lease_news(&mut conn.lease_news) => conn.on_lease_news(news).await,
             _ = kicked(&mut conn.kick) => {
                 conn.superseded("the session was resumed on another connection").await
             }
@@ -195,6 +222,16 @@ async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
                 std::future::pending::<()>().await;
             }
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn lease_news(news: &mut Option<watch::Receiver<LeaseNews>>) -> LeaseNews {
+    match news {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow_and_update(),
+            Err(_) => std::future::pending().await,
+        },
         None => std::future::pending().await,
     }
 }
@@ -375,12 +412,28 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
                         let opening = !session.is_open();
-                        let more = session.persisted(result, now);
+                        let mut more = session.persisted(result, now);
                         if opening && self.session.as_ref().is_some_and(Session::is_open) {
-                            // The session's record, before the client gets its token.
-                            self.write_record(SessionWrite::Fresh).await;
-                            let sid = self.session.as_ref().map(|s| s.id().to_string());
-                            self.opened(channel_id, &sid.unwrap_or_default());
+                            // The session's record, before the client gets its token: without
+                            // it the token would resume nothing (or an older session), so the
+                            // opening fails and the client opens again.
+                            if self.write_record(SessionWrite::Fresh, false).await {
+                                let sid = self.session.as_ref().map(|s| s.id().to_string());
+                                self.opened(channel_id, &sid.unwrap_or_default());
+                            } else {
+                                let now = self.state.now();
+                                if let Some(s) = self.session.as_mut() {
+                                    s.abandon(now);
+                                }
+                                more = vec![
+                                    Effect::Send(error_message(
+                                        "store_unavailable",
+                                        "the session could not be recorded; open again",
+                                        true,
+                                    )),
+                                    Effect::Close(CloseCode::Internal, "store_unavailable".into()),
+                                ];
+                            }
                         }
                         for e in more.into_iter().rev() {
                             queue.push_front(e);
@@ -479,23 +532,26 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
 
     /// The fencing token of the session's lease (every money write carries it).
     fn fence(&self) -> Fence {
-        self.lease.map_or(Fence::NONE, |l| l.fence)
+        self.lease.as_ref().map_or(Fence::NONE, |l| l.fence)
     }
 
-    /// Counts a write the store refused for a stale fence: this process lost the channel.
-    fn count_fenced<T>(&self, result: &Result<T, StoreError>) {
+    /// Counts a write the store refused for a stale fence: this process lost the channel, and
+    /// the connection lets the session go (at the top of its loop).
+    fn count_fenced<T>(&mut self, result: &Result<T, StoreError>) {
         if let Err(e @ StoreError::Fenced { .. }) = result {
             warn!("a write of a session whose channel moved on was refused: {e}");
             self.metrics()
                 .fencing_refusals
                 .fetch_add(1, Ordering::Relaxed);
+            self.lost = self.session.as_ref().is_some_and(Session::is_open);
         }
     }
 
-    /// Writes the session's record (what a resume needs) under its lease.
-    async fn write_record(&mut self, write: SessionWrite) {
+    /// Writes the session's record (what a resume needs) under its lease; `parked` when the
+    /// session leaves its connection (the record is then exact).
+    async fn write_record(&mut self, write: SessionWrite, parked: bool) -> bool {
         let Some(session) = self.session.as_ref() else {
-            return;
+            return false;
         };
         let record = SessionRecord {
             sid: session.id().to_string(),
@@ -503,6 +559,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             next_seq: session.next_seq(),
             request: session.unended_request(),
             holder: self.state.instance.clone(),
+            parked,
         };
         let channel = session.channel_id();
         let progress = (record.next_seq, record.request);
@@ -519,10 +576,16 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             .await;
         self.count_fenced(&result);
         match result {
-            Ok(()) => self.recorded = progress,
+            Ok(()) => {
+                self.recorded = progress;
+                true
+            }
             // Not resumable from where it is now: a resume goes on from the record as it was
             // (a request it shows streaming ends `interrupted`), or the client opens again.
-            Err(e) => warn!(%channel, "the session record was not written: {e}"),
+            Err(e) => {
+                warn!(%channel, "the session record was not written: {e}");
+                false
+            }
         }
     }
 
@@ -532,7 +595,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return;
         };
         if session.is_open() && (session.next_seq(), session.unended_request()) != self.recorded {
-            self.write_record(SessionWrite::Progress).await;
+            let _ = self.write_record(SessionWrite::Progress, false).await;
         }
     }
 
@@ -920,8 +983,8 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         let now = self.state.now();
         // The voucher is checked against the stored state before the channel is reserved: a
         // replayed (public) voucher holds nothing, not even for a moment.
-        let (mut session, effects) =
-            match Session::open(self.state.params.clone(), sid.clone(), opening, now) {
+        let (mut session, mut effects) =
+            match Session::open(self.state.params.clone(), sid.clone(), opening.clone(), now) {
                 Ok(opened) => opened,
                 Err(effects) => {
                     self.failed_open(false);
@@ -943,15 +1006,17 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 return self.apply(effects).await;
             }
         };
-        // The channel's lease: refused while another process serves it.
+        // The channel's lease: refused while another process serves it. The channel's state is
+        // read again in the same step, and the voucher checked against it: what a process that
+        // just let the channel go wrote before it did is in it.
         let sent = self.state.now();
         let taken = self
             .state
             .store
             .take_lease(msg.channel_id, &self.state.instance, self.state.lease_ttl())
             .await;
-        let fence = match taken {
-            Ok(fence) => fence,
+        let (fence, stored) = match taken {
+            Ok(taken) => taken,
             Err(e) => {
                 self.state.registry.cancel(msg.channel_id, &sid);
                 return match e {
@@ -960,12 +1025,20 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 };
             }
         };
-        self.hold_lease(Lease::new(
-            msg.channel_id,
-            fence,
-            sent,
-            self.state.lease_ttl(),
-        ));
+        self.hold_lease(msg.channel_id, fence, sent);
+        if stored != opening.stored {
+            let now = self.state.now();
+            let again = Opening { stored, ..opening };
+            match Session::open(self.state.params.clone(), sid.clone(), again, now) {
+                Ok(opened) => (session, effects) = opened,
+                Err(effects) => {
+                    self.drop_lease().await;
+                    self.state.registry.cancel(msg.channel_id, &sid);
+                    self.failed_open(false);
+                    return self.apply(effects).await;
+                }
+            }
+        }
         let Ticket {
             token,
             jti,
@@ -983,8 +1056,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             self.session = None;
             self.kick = None;
             self.updates = None;
-            self.state.registry.cancel(msg.channel_id, &sid);
+            // The lease first: once the slot is free, another open here may take a new one.
             self.drop_lease().await;
+            self.state.registry.cancel(msg.channel_id, &sid);
             self.failed_open(false);
         }
         flow
@@ -1010,8 +1084,14 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         self.apply(effects).await
     }
 
-    fn hold_lease(&mut self, lease: Lease) {
-        if self.lease.replace(lease).is_none() {
+    /// Keeps the lease taken by a call sent at `sent`, and has the keeper renew it.
+    fn hold_lease(&mut self, channel: alloy::primitives::B256, fence: Fence, sent: Nanos) {
+        let times = self.state.lease_times();
+        let (held, news) = self.state.leases.hold(channel, fence, sent, times);
+        self.lapsed = false;
+        self.lost = false;
+        self.lease_news = Some(news);
+        if self.lease.replace(held).is_none() {
             self.metrics().leases_held.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1021,6 +1101,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        self.lease_news = None;
+        self.lapsed = false;
+        self.state.leases.forget(&lease);
         self.metrics().leases_held.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = self
             .state
@@ -1106,7 +1189,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             }
             Err(e) => return self.store_failed(&e).await,
         };
-        self.hold_lease(Lease::new(channel, fence, sent, self.state.lease_ttl()));
+        self.hold_lease(channel, fence, sent);
         let from_elsewhere = record.holder != self.state.instance;
         let restored = match *stored {
             Some(stored) => Session::restore(
@@ -1174,6 +1257,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             next_seq: 0,
             request: None,
             holder: self.state.instance.clone(),
+            parked: false,
         };
         let result = self
             .state
@@ -1194,80 +1278,53 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         }
     }
 
-    /// The lease's renewal, when due, and its deadline: past it without a renewal, nothing is
-    /// delivered (the store may give the channel to another process). A resume elsewhere that
-    /// wants the session gets it (this connection closes with 4409); a lease found lost stops
-    /// the session at once.
-    async fn on_lease(&mut self, now: Nanos) -> Flow {
-        let Some(mut lease) = self.lease else {
-            return Flow::Continue;
-        };
-        if lease.due(now) {
-            let sent = now;
-            let status = self
-                .state
-                .store
-                .renew_lease(
-                    lease.channel,
-                    &self.state.instance,
-                    lease.fence,
-                    self.state.lease_ttl(),
-                    self.state.resume_window(),
-                )
-                .await;
-            match status {
-                Ok(LeaseStatus::Held) => {
-                    lease.renewed(sent);
-                    if lease.lapsed {
-                        lease.lapsed = false;
-                        self.lease = Some(lease);
-                        let now = self.state.now();
-                        let effects = self
-                            .session
-                            .as_mut()
-                            .map(|s| s.store_recovered(now))
-                            .unwrap_or_default();
-                        return self.apply(effects).await;
-                    }
-                }
-                Ok(LeaseStatus::Wanted) => {
-                    self.metrics()
-                        .leases_handed_over
-                        .fetch_add(1, Ordering::Relaxed);
-                    return self
-                        .superseded("the session was resumed on another server")
-                        .await;
-                }
-                Ok(LeaseStatus::Lost) => {
-                    self.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
+    /// The keeper's news of the lease: renewed after a lapse (delivery goes on), wanted by a
+    /// resume on another process (the session is let go, 4409), or lost (stop at once, 4409).
+    async fn on_lease_news(&mut self, news: LeaseNews) -> Flow {
+        match news {
+            LeaseNews::Held => {
+                let now = self.state.now();
+                self.lease_gate(now).await
+            }
+            LeaseNews::Wanted => {
+                self.metrics()
+                    .leases_handed_over
+                    .fetch_add(1, Ordering::Relaxed);
+                self.superseded("the session was resumed on another server")
+                    .await
+            }
+            LeaseNews::Lost => {
+                self.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
+                if let Some(lease) = &self.lease {
                     warn!(channel = %lease.channel, "lease lost: another process serves the channel");
-                    return self
-                        .superseded("another server took this session's channel over")
-                        .await;
                 }
-                Err(e) => {
-                    debug!(channel = %lease.channel, "lease not renewed, retrying: {e}");
-                    lease.retry_soon(now);
-                }
+                self.superseded("another server took this session's channel over")
+                    .await
             }
         }
-        self.lease = Some(lease);
-        self.lease_gate(now).await
     }
 
-    /// Pauses delivery (and the clock) once the lease's deadline has passed unrenewed.
+    /// Delivery (and the clock) stops once the lease's deadline has passed unrenewed, and goes
+    /// on once it is renewed; looked at before every unit and at every timer.
     async fn lease_gate(&mut self, now: Nanos) -> Flow {
-        let Some(lease) = self.lease.as_mut() else {
+        let Some(lease) = self.lease.as_ref() else {
             return Flow::Continue;
         };
-        if lease.valid(now) || lease.lapsed {
+        let valid = lease.valid(now);
+        if valid != self.lapsed {
             return Flow::Continue;
         }
-        lease.lapsed = true;
+        self.lapsed = !valid;
         let effects = self
             .session
             .as_mut()
-            .map(|s| s.lease_lapsed(now))
+            .map(|s| {
+                if valid {
+                    s.lease_renewed(now)
+                } else {
+                    s.lease_lapsed(now)
+                }
+            })
             .unwrap_or_default();
         self.apply(effects).await
     }
@@ -1281,7 +1338,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         if self.session.is_none() {
             return self.close(CloseCode::Policy, "open timeout").await;
         }
-        if let Flow::Closed = self.on_lease(now).await {
+        if let Flow::Closed = self.lease_gate(now).await {
             return Flow::Closed;
         }
         let now = self.state.now();
@@ -1340,7 +1397,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             let effects = session.suspend(now);
             let _ = self.apply(effects).await;
             self.session = Some(session);
-            self.write_record(SessionWrite::Progress).await;
+            let _ = self.write_record(SessionWrite::Progress, true).await;
             self.session = None;
         } else {
             self.end_record(channel, &sid).await;

@@ -60,9 +60,13 @@ impl Flusher {
     pub fn defer_claim(&self, claim: PendingClaim, fence: Fence) {
         let mut pending = self.lock();
         let entry = pending.entry(claim.channel_id).or_default();
-        if entry.claim.is_none_or(|(c, _)| claim.amount > c.amount) {
-            entry.claim = Some((claim, fence));
-        }
+        // The larger claim, under the newer fence: a claim of a later session of this process
+        // on the channel must not be dropped because an older one's fence went stale.
+        entry.claim = Some(match entry.claim {
+            Some((c, f)) if c.amount >= claim.amount => (c, f.max(fence)),
+            Some((_, f)) => (claim, f.max(fence)),
+            None => (claim, fence),
+        });
         drop(pending);
         self.wake.notify_one();
     }

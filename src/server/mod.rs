@@ -184,6 +184,8 @@ pub struct ServerState<C, S> {
     /// never mistakes a lease of its previous life (whose sessions it does not have) for its
     /// own.
     pub instance: String,
+    /// The leases of this process's sessions, renewed together.
+    leases: lease::LeaseKeeper,
     /// Signature checks, off the reactor.
     pub verifier: Verifier,
     /// Per-address bounds.
@@ -227,6 +229,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
             resume_window_secs: DEFAULT_RESUME_WINDOW_SECS,
             registry: registry::Registry::new(ResumeKeys::new(&random_secret())),
             instance: alloy::hex::encode(&random_secret()[..8]),
+            leases: lease::LeaseKeeper::default(),
             verifier: Verifier::default(),
             guards: Arc::default(),
             flusher: flusher::Flusher::default(),
@@ -251,6 +254,10 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
     /// How long a lease lives unless renewed.
     pub(crate) fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.limits.lease_ttl_ms.max(3))
+    }
+
+    fn lease_times(&self) -> lease::LeaseTimes {
+        lease::LeaseTimes::new(self.lease_ttl())
     }
 
     /// Monotonic nanoseconds since the server started: the sessions' clock.
@@ -497,6 +504,27 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
     // read: no event between the two is missed.
     let start = state.chain.block_number().await.ok();
     let chain_watcher = tokio::spawn(watcher::run(state.clone(), start, stop_rx.clone()));
+    // The leases of the sessions, renewed together, apart from the connections; until the
+    // sessions have drained at shutdown (they park, under their leases, on the way out).
+    let (keeper_stop, keeper_rx) = watch::channel(false);
+    let keeper = {
+        let state = state.clone();
+        let stop = keeper_rx;
+        tokio::spawn(async move {
+            let clock = state.clone();
+            state
+                .leases
+                .run(
+                    &state.store,
+                    &state.instance,
+                    state.lease_times(),
+                    state.resume_window(),
+                    move || clock.now(),
+                    stop,
+                )
+                .await;
+        })
+    };
     let (flusher_stop, flusher_rx) = watch::channel(false);
     let flusher = {
         let state = state.clone();
@@ -555,6 +583,8 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
     }
     tasks.abort_all();
     chain_watcher.abort();
+    let _ = keeper_stop.send(true);
+    let _ = keeper.await;
     // The sessions' last writes are in; what the store refused is tried once more.
     let _ = flusher_stop.send(true);
     let _ = flusher.await;

@@ -65,6 +65,11 @@ pub const DEFAULT_MIN_WITHDRAW_DELAY_SECS: u32 = 3_600;
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// How far `seq` skips ahead when a session is restored from a record its process did not park
+/// (a crash): more units than any stream delivers between two writes of its record (one usage
+/// interval: 2^20 units is half a million a second for 2 s).
+pub const CRASH_SEQ_GAP: u64 = 1 << 20;
+
 /// What every session of a server shares.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -370,6 +375,10 @@ impl Session {
         let info = opening.info;
         let mut channel = Self::channel_for(&params, &info)?;
         let mut consumed = Exact::whole(info.claimed);
+        // What the store has: anything above it (a write of this process still being retried,
+        // under an older lease's fence that the store will refuse) is written again by this
+        // session, under its own.
+        let in_store = opening.stored.map_or(Exact::whole(0), |s| s.consumed);
         if let Some(stored) = opening.stored {
             if let Some(amount) = stored.closing {
                 return Err(refuse_channel(
@@ -426,7 +435,7 @@ impl Session {
             asked_at: 0,
             next_usage,
             recent_vouchers: VecDeque::new(),
-            persisted_consumed: consumed,
+            persisted_consumed: in_store,
             resume_token: String::new(),
             requests: Requests::default(),
             counted: (start, start),
@@ -452,7 +461,15 @@ impl Session {
         now: Nanos,
     ) -> Result<Self, Vec<Effect>> {
         let (id, next_seq, request) = (record.sid.clone(), record.next_seq, record.request);
+        // A record its process never parked (it crashed) may lag the units delivered: the
+        // next request's units skip ahead rather than reuse numbers the client has seen.
+        let seq = if record.parked {
+            next_seq
+        } else {
+            next_seq.saturating_add(CRASH_SEQ_GAP)
+        };
         let channel = Self::channel_for(&params, &info)?;
+        let in_store = stored.consumed;
         if let Some(amount) = stored.closing {
             return Err(refuse_channel(
                 "channel_closing",
@@ -491,13 +508,13 @@ impl Session {
             meter,
             phase: Phase::Open,
             in_flight: None,
-            seq: next_seq,
+            seq,
             paused_sent: false,
             voucher_deadline: None,
             asked_at: 0,
             next_usage,
             recent_vouchers: VecDeque::new(),
-            persisted_consumed: consumed,
+            persisted_consumed: in_store,
             resume_token: String::new(),
             requests,
             counted: (start, start),
@@ -515,12 +532,12 @@ impl Session {
 
     /// The session's lease could not be renewed in time: another process may take the channel,
     /// so nothing more is delivered (and no time is charged) until it is renewed
-    /// ([`Session::store_recovered`]).
+    /// ([`Session::lease_renewed`]). Only a renewal lifts this pause.
     pub fn lease_lapsed(&mut self, now: Nanos) -> Vec<Effect> {
-        if self.phase != Phase::Open || self.meter.is_paused(PauseReason::StoreUnavailable) {
+        if self.phase != Phase::Open || self.meter.is_paused(PauseReason::LeaseLapsed) {
             return Vec::new();
         }
-        self.meter.pause(PauseReason::StoreUnavailable, now);
+        self.meter.pause(PauseReason::LeaseLapsed, now);
         if self.paused_sent {
             return Vec::new();
         }
@@ -528,6 +545,28 @@ impl Session {
         vec![Effect::Send(ServerMessage::Paused {
             reason: "store_unavailable".into(),
         })]
+    }
+
+    /// The session's lease was renewed after it lapsed: delivery goes on (unless something
+    /// else still pauses it).
+    pub fn lease_renewed(&mut self, now: Nanos) -> Vec<Effect> {
+        if !self.meter.is_paused(PauseReason::LeaseLapsed) {
+            return Vec::new();
+        }
+        self.meter.resume(PauseReason::LeaseLapsed, now);
+        if self.paused_sent && self.can_deliver() {
+            self.paused_sent = false;
+            return vec![Effect::Send(ServerMessage::Resumed {})];
+        }
+        Vec::new()
+    }
+
+    /// The opening could not be completed after its voucher was stored (the session's record
+    /// was not written, so it could not be resumed): there is no session. Nothing was
+    /// delivered; the client opens again with its next nonce.
+    pub fn abandon(&mut self, now: Nanos) {
+        self.meter.disconnect(now);
+        self.phase = Phase::Closed;
     }
 
     /// The channel was reserved for this opening session: its resume token.
@@ -738,6 +777,7 @@ impl Session {
         self.phase == Phase::Open
             && !self.meter.is_paused(PauseReason::Exhausted)
             && !self.meter.is_paused(PauseReason::StoreUnavailable)
+            && !self.meter.is_paused(PauseReason::LeaseLapsed)
             && !self.meter.is_paused(PauseReason::Unresponsive)
     }
 
@@ -778,7 +818,9 @@ impl Session {
         }
         if !self.paused_sent && !self.can_deliver() {
             self.paused_sent = true;
-            let reason = if self.meter.is_paused(PauseReason::StoreUnavailable) {
+            let reason = if self.meter.is_paused(PauseReason::StoreUnavailable)
+                || self.meter.is_paused(PauseReason::LeaseLapsed)
+            {
                 "store_unavailable"
             } else if self.meter.is_paused(PauseReason::Exhausted) {
                 "credit_exhausted"

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// How long a token's signature stays valid at most (the resume window, counted from the
 /// disconnect, is checked separately by the registry).
-pub const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+pub const TOKEN_LIFETIME_SECS: u64 = 30 * 24 * 3600;
 
 /// The claims of a resume token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

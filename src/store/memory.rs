@@ -219,24 +219,18 @@ impl ChannelStore for MemoryStore {
         channel_id: B256,
         holder: &str,
         ttl: Duration,
-    ) -> Result<Fence, StoreError> {
+    ) -> Result<(Fence, Option<StoredChannel>), StoreError> {
         self.up()?;
         let mut tenancy = lock(&self.inner.tenancy);
         let t = tenancy.entry(channel_id).or_default();
-        let expires = Instant::now() + ttl;
-        match t.lease() {
-            Some((h, _, _)) if h != holder => Err(StoreError::LeaseHeld),
-            Some((_, fence, _)) => {
-                let fence = *fence;
-                t.lease = Some((holder.to_string(), fence, expires));
-                Ok(Fence(fence))
-            }
-            None => {
-                t.fence += 1;
-                t.lease = Some((holder.to_string(), t.fence, expires));
-                Ok(Fence(t.fence))
-            }
+        if t.lease().is_some_and(|(h, _, _)| h != holder) {
+            return Err(StoreError::LeaseHeld);
         }
+        t.fence += 1;
+        t.lease = Some((holder.to_string(), t.fence, Instant::now() + ttl));
+        let fence = Fence(t.fence);
+        drop(tenancy);
+        Ok((fence, lock(&self.inner.channels).get(&channel_id).copied()))
     }
 
     async fn renew_lease(
@@ -311,6 +305,7 @@ impl ChannelStore for MemoryStore {
                 session.0.next_seq = record.next_seq;
                 session.0.request = record.request;
                 session.0.holder = record.holder.clone();
+                session.0.parked = record.parked;
                 session.2 = expires;
             }
             SessionWrite::End | SessionWrite::Progress => {}

@@ -88,6 +88,10 @@ pub struct SessionRecord {
     /// The process that wrote it last (its lease holder id): tells a resume on another
     /// process from one on the same.
     pub holder: String,
+    /// Written when the session was parked: its `next_seq` is exact. While the session is live
+    /// the record lags (up to one usage interval), so a session restored from a record its
+    /// process never parked (a crash) skips ahead in `seq` rather than reuse numbers.
+    pub parked: bool,
 }
 
 /// How [`ChannelStore::put_session`] writes a session record.
@@ -254,14 +258,16 @@ pub trait ChannelStore: Send + Sync + 'static {
         fence: Fence,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Takes the channel's lease for `holder` (a new, higher fence), or
-    /// [`StoreError::LeaseHeld`] while another holder has it.
+    /// Takes the channel's lease for `holder` under a new, higher fence (also when `holder`
+    /// had it: the lease is a new session's), and reads the channel's state in the same step
+    /// (what an earlier holder wrote before letting go is in it); [`StoreError::LeaseHeld`]
+    /// while another holder has it.
     fn take_lease(
         &self,
         channel_id: B256,
         holder: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Fence, Option<StoredChannel>), StoreError>> + Send;
 
     /// Renews `holder`'s lease under `fence` for `ttl`, and the session record for
     /// `session_ttl`.

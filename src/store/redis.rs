@@ -110,19 +110,19 @@ redis.call('HSET', KEYS[1], 'q', (string.gsub(cur, '|[0-9]+$', '|' .. ARGV[1])))
 return 1
 "#;
 
-/// KEYS lease, channel; ARGV holder, ttl (ms). `{1, fence}` taken (or already the holder's),
-/// `{0, fence}` held by another.
+/// KEYS lease, channel; ARGV holder, ttl (ms). `{1, fence, n, c, s, u, x, d, k}` taken under a
+/// new fence (also when the holder had it: a new session's lease fences the old one's writes),
+/// with the channel's fields as `load` reads them; `{0}` held by another.
 const TAKE_LEASE: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local h, f = string.match(cur, '^(.*)|([0-9]+)$')
-  if h ~= ARGV[1] then return {0, f} end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, f}
+  local h = string.match(cur, '^(.*)|[0-9]+$')
+  if h ~= ARGV[1] then return {0} end
 end
 local f = tostring(redis.call('HINCRBY', KEYS[2], 'f', 1))
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. f, 'PX', ARGV[2])
-return {1, f}
+local c = redis.call('HMGET', KEYS[2], 'n', 'c', 's', 'u', 'x', 'd', 'k')
+return {1, f, c[1], c[2], c[3], c[4], c[5], c[6], c[7]}
 "#;
 
 /// KEYS lease, channel, session; ARGV holder, fence, ttl, session ttl (ms). 0 lost, 1 held,
@@ -150,17 +150,17 @@ return 1
 
 /// KEYS channel, session; ARGV fence, sid, jti, seq, request ('' for none), session ttl (ms),
 /// mode (`f` a fresh session replacing any record, `p` progress of the recorded one, `e` its
-/// end), holder.
+/// end), holder, parked ('1' or '0').
 const PUT_SESSION: &str = r#"
 if ARGV[7] == 'f' then
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'sid', ARGV[2], 'jti', ARGV[3], 'seq', ARGV[4], 'rq', ARGV[5], 'h', ARGV[8])
+  redis.call('HSET', KEYS[2], 'sid', ARGV[2], 'jti', ARGV[3], 'seq', ARGV[4], 'rq', ARGV[5], 'h', ARGV[8], 'p', ARGV[9])
 elseif redis.call('HGET', KEYS[2], 'sid') == ARGV[2] then
   if ARGV[7] == 'e' then
     redis.call('DEL', KEYS[2])
     return {1}
   end
-  redis.call('HSET', KEYS[2], 'seq', ARGV[4], 'rq', ARGV[5], 'h', ARGV[8])
+  redis.call('HSET', KEYS[2], 'seq', ARGV[4], 'rq', ARGV[5], 'h', ARGV[8], 'p', ARGV[9])
 else
   return {1}
 end
@@ -169,10 +169,10 @@ return {1}
 "#;
 
 /// KEYS lease, channel, session; ARGV sid, jti, new jti, holder, ttl, session ttl (ms).
-/// `{1, fence, seq, rq, last holder, n, c, s, u, x, d, k}` taken (the channel's fields as
-/// `load` reads them), `{0}` busy, `{-1}` unknown, `{-2}` used.
+/// `{1, fence, seq, rq, last holder, n, c, s, u, x, d, k, parked}` taken (the channel's fields
+/// as `load` reads them), `{0}` busy, `{-1}` unknown, `{-2}` used.
 const RESUME_SESSION: &str = r#"
-local s = redis.call('HMGET', KEYS[3], 'sid', 'jti', 'seq', 'rq', 'h')
+local s = redis.call('HMGET', KEYS[3], 'sid', 'jti', 'seq', 'rq', 'h', 'p')
 if (not s[1]) or s[1] ~= ARGV[1] then return {-1} end
 if s[2] ~= ARGV[2] then return {-2} end
 local cur = redis.call('GET', KEYS[1])
@@ -189,7 +189,8 @@ redis.call('HSET', KEYS[3], 'jti', ARGV[3], 'h', ARGV[4])
 redis.call('HDEL', KEYS[3], 'w')
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 local c = redis.call('HMGET', KEYS[2], 'n', 'c', 's', 'u', 'x', 'd', 'k')
-return {1, f, s[3] or '0', s[4] or '', s[5] or '', c[1], c[2], c[3], c[4], c[5], c[6], c[7]}
+return {1, f, s[3] or '0', s[4] or '', s[5] or '', c[1] or false, c[2] or false, c[3] or false,
+  c[4] or false, c[5] or false, c[6] or false, c[7] or false, s[6] or '0'}
 "#;
 
 /// One connection to a single Redis (reconnecting by itself) or to a cluster (routing each
@@ -822,22 +823,29 @@ impl ChannelStore for RedisStore {
         channel_id: B256,
         holder: &str,
         ttl: Duration,
-    ) -> Result<Fence, StoreError> {
-        let (taken, fence): (i64, u64) = self
+    ) -> Result<(Fence, Option<StoredChannel>), StoreError> {
+        let key = self.channel_key(channel_id);
+        let reply: Vec<Option<String>> = self
             .eval(
                 self.scripts
                     .take_lease
                     .key(self.lease_key(channel_id))
-                    .key(self.channel_key(channel_id))
+                    .key(&key)
                     .arg(holder)
                     .arg(millis(ttl)),
             )
             .await?;
-        if taken == 1 {
-            Ok(Fence(fence))
-        } else {
-            Err(StoreError::LeaseHeld)
+        if reply.first().cloned().flatten().as_deref() != Some("1") {
+            return Err(StoreError::LeaseHeld);
         }
+        let fence = reply
+            .get(1)
+            .cloned()
+            .flatten()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| corrupt(&key, "fence"))?;
+        let stored = parse_channel(&key, reply.get(2..9).map(<[_]>::to_vec).unwrap_or_default())?;
+        Ok((Fence(fence), stored))
     }
 
     async fn renew_lease(
@@ -910,7 +918,8 @@ impl ChannelStore for RedisStore {
                 .arg(record.request.map(|r| r.to_string()).unwrap_or_default())
                 .arg(millis(session_ttl))
                 .arg(mode)
-                .arg(&record.holder),
+                .arg(&record.holder)
+                .arg(if record.parked { "1" } else { "0" }),
             fence,
         )
         .await?;
@@ -955,6 +964,7 @@ impl ChannelStore for RedisStore {
                         r => Some(r.parse().map_err(|_| corrupt(&key, "request"))?),
                     },
                     holder: field(4),
+                    parked: field(12) == "1",
                 },
                 fence: Fence(field(1).parse().map_err(|_| corrupt(&key, "fence"))?),
                 stored: Box::new(parse_channel(

@@ -73,6 +73,11 @@ impl Fleet {
     /// appended to the configuration (`[session]` and `[limits]` sections), and waits until it
     /// serves.
     pub fn serve(&self, port: u16, public_url: &str, extra: &str) -> Server {
+        self.serve_on(port, public_url, &self.redis.url, extra)
+    }
+
+    /// As [`Fleet::serve`], reaching Redis at `redis_url` (a proxy in front of the fleet's).
+    pub fn serve_on(&self, port: u16, public_url: &str, redis_url: &str, extra: &str) -> Server {
         let config = self.dir.path().join(format!("serve-{port}.toml"));
         std::fs::write(
             &config,
@@ -96,7 +101,7 @@ max_tokens = 1000
 "#,
                 rpc = self.anvil.url,
                 contract = self.contract,
-                redis = self.redis.url,
+                redis = redis_url,
             ),
         )
         .unwrap();
