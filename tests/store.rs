@@ -615,3 +615,51 @@ async fn a_redis_outage_is_reported_and_survived() {
         .await
         .unwrap();
 }
+
+/// 10,000 sessions opening at once, each with the store calls of an `open` (read, lease,
+/// voucher, record): every one succeeds. The calls queue for their turn on the connection
+/// (at most 512 in flight) instead of timing out: a busy store is back-pressure, not failed
+/// opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_opens_at_once_all_land() {
+    let redis = Redis::start();
+    let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
+    let ttl = Duration::from_secs(60);
+    let window = Duration::from_secs(300);
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10_000u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let id = B256::from(U256::from(i + 1));
+            let _ = store.load(id).await?;
+            let (fence, _) = store.take_lease(id, "p", ttl).await?;
+            store.save_voucher(id, voucher(1, 100), fence).await?;
+            store
+                .put_session(
+                    id,
+                    &record(&format!("s{i}"), "j", "p"),
+                    SessionWrite::Fresh,
+                    fence,
+                    window,
+                )
+                .await
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    eprintln!(
+        "10,000 opens' store calls in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+}
