@@ -171,7 +171,10 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         let can_take =
             conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
         if conn.lost {
+            // A write refused for its fence: the lease was lost (found here before the
+            // keeper's renewal could say so).
             conn.lost = false;
+            conn.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
             if let Flow::Closed = conn
                 .superseded("another server took this session's channel over")
                 .await

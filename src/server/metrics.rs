@@ -41,7 +41,8 @@ pub struct Metrics {
     pub resumed_remote: AtomicU64,
     /// Channel leases this process holds now (one per live session).
     pub leases_held: AtomicU64,
-    /// Leases lost: found taken by another process at renewal (delivery had stopped).
+    /// Leases lost: found taken by another process at renewal, or by a write refused for its
+    /// fence (delivery had stopped at the lease's deadline).
     pub leases_lost: AtomicU64,
     /// Leases handed over: a resume on another process asked for the channel, and this one
     /// let the session go.
@@ -156,7 +157,7 @@ impl Metrics {
         );
         counter(
             "paystream_leases_lost_total",
-            "Leases found taken by another process at renewal.",
+            "Leases found taken by another process (at renewal, or by a fenced write).",
             "counter",
             load(&self.leases_lost),
         );
