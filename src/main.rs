@@ -32,6 +32,9 @@ enum Command {
     Pay(Box<cmd::pay::PayArgs>),
     /// Everything in one process on embedded defaults: a paid stream, its cost, its settlement.
     Demo,
+    /// Load a server on this machine with N concurrent paid sessions for a bounded time; prints
+    /// setups/s, messages and vouchers/s, voucher round trips, errors and server memory as JSON.
+    Load(Box<cmd::load::LoadArgs>),
 }
 
 /// The tokio runtime for the commands that do I/O.
@@ -71,6 +74,9 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS),
         Command::Deploy(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::deploy::run(args)))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Load(args) => runtime()
+            .and_then(|rt| rt.block_on(cmd::load::run(*args)))
             .map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -389,3 +389,18 @@ async fn a_slow_reader_is_not_charged_for_the_time_it_blocks_delivery() {
         wall.as_millis()
     );
 }
+
+/// An idle session's memory is mostly what its connection's task holds across its awaits: the
+/// future is kept small (rare, large paths are boxed), and this budget keeps it so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_future_stays_within_its_memory_budget() {
+    let stack = Stack::start(streaming(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
+    let id = stack.open_channel(payee(), 31, 1_000).await;
+    let mut c = stack.client(id).await;
+    c.open(1, 100).await;
+    let bytes = common::stack::metric(&stack, "paystream_connection_future_bytes")
+        .await
+        .unwrap();
+    eprintln!("a connection's future: {bytes} bytes");
+    assert!(bytes <= 8_192, "{bytes} bytes");
+}

@@ -105,6 +105,35 @@ impl<B: Backend> Channels<B> {
         Ok((id, outcome.receipt))
     }
 
+    /// The `open` transaction, for a sender that sends it itself ([`super::TxSender`]): many
+    /// channels opened without waiting for each receipt (a load generator's).
+    pub fn open_tx(
+        &self,
+        payee: Address,
+        token: Address,
+        salt: B256,
+        amount: u128,
+        withdraw_delay_secs: u32,
+    ) -> TxRequest {
+        let value = if token.is_zero() {
+            U256::from(amount)
+        } else {
+            U256::ZERO
+        };
+        let call = pc::openCall {
+            payee,
+            token,
+            salt,
+            amount,
+            withdrawDelay: withdraw_delay_secs,
+        };
+        TxRequest {
+            to: Some(self.address),
+            input: call.abi_encode().into(),
+            value,
+        }
+    }
+
     /// Adds `amount` to a channel's deposit.
     pub async fn top_up(&self, id: B256, token: Address, amount: u128) -> Result<TxReceipt> {
         let value = if token.is_zero() {

@@ -34,6 +34,9 @@ pub struct RpcBackend {
     tx_timeout: Duration,
 }
 
+/// Idle connections to the node kept for the next call.
+pub const RPC_POOL_IDLE_PER_HOST: usize = 16;
+
 impl RpcBackend {
     /// Connects to `url` (http:// or https://) as the account of `signer`.
     pub async fn connect(url: &str, signer: PrivateKeySigner) -> Result<Self> {
@@ -46,13 +49,21 @@ impl RpcBackend {
         // Nonces from the node's pending count on every send, never a local count: the
         // settler sends with nonces of its own through the same key, which a cached count
         // would not see (the next cooperative close would reuse a batch's nonce).
+        // A bounded pool: connections kept idle for the next call are at most
+        // RPC_POOL_IDLE_PER_HOST, for 30 s (reqwest keeps every one 90 s by default, and a burst
+        // of opens left hundreds of sockets and their buffers behind).
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(RPC_POOL_IDLE_PER_HOST)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ChainError::Rpc(format!("building the HTTP client: {e}")))?;
         let provider = ProviderBuilder::new()
             .disable_recommended_fillers()
             .with_gas_estimation()
             .with_simple_nonce_management()
             .fetch_chain_id()
             .wallet(wallet.clone())
-            .connect_http(url)
+            .connect_reqwest(http, url)
             .erased();
         let chain_id = provider.get_chain_id().await.map_err(rpc_error)?;
         Ok(Self {

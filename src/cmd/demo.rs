@@ -22,7 +22,6 @@ use paystream::server::resource::{Resource, TokenGenerator};
 use paystream::server::{self, ServerState};
 use paystream::session::SessionParams;
 use paystream::store::memory::MemoryStore;
-use tokio::net::TcpListener;
 
 /// Demo keys: fixed so the demo is reproducible; they hold nothing anywhere.
 const PAYER_KEY: [u8; 32] = [0xd1; 32];
@@ -90,7 +89,7 @@ pub async fn run() -> anyhow::Result<()> {
         default_max_tokens: TOKENS,
     });
     resources.insert("tokens".to_string(), tokens);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = server::listen("127.0.0.1:0".parse()?)?;
     let url = format!("http://{}", listener.local_addr()?);
     let chain = contract.with_backend(node.backend(payee));
     let state = ServerState::new(

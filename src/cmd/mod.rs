@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod deploy;
+pub mod load;
 pub mod pay;
 pub mod serve;
 pub mod settle;

@@ -19,7 +19,6 @@ use paystream::settle::Settler;
 use paystream::store::memory::MemoryStore;
 use paystream::store::redis::RedisStore;
 use paystream::store::{ChannelStore, SettlementStore};
-use tokio::net::TcpListener;
 use tracing::info;
 
 /// Environment variable holding the payee's private key.
@@ -180,9 +179,8 @@ async fn serve_with<S: ChannelStore + SettlementStore + Clone>(
             (None, None)
         }
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        server::listen(config.listen).with_context(|| format!("binding {}", config.listen))?;
     info!(%payee, chain_id, contract = %config.chain.contract, "paystream serve");
     server::run(listener, Arc::new(state), shutdown_signal()).await?;
     // The sessions' last claims are queued: the settler stops after them.

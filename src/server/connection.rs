@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -105,7 +106,10 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     resource: Arc<dyn Resource>,
     unauthenticated: Arc<Unauthenticated>,
     mut stop: watch::Receiver<bool>,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) {
+    // The connection's slot, held until it ends.
+    let _permit = permit;
     let now = state.now();
     let ip = unauthenticated.ip();
     let mut conn = Connection {
@@ -185,13 +189,16 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         }
         let flow = tokio::select! {
             biased;
-            _ = stop.changed() => conn.shutdown().await,
-            news = lease_news(&mut conn.lease_news) => conn.on_lease_news(news).await,
+            // The rare paths are boxed: their state is allocated when they run, not kept in
+            // every connection's future.
+            _ = stop.changed() => Box::pin(conn.shutdown()).await,
+            news = lease_news(&mut conn.lease_news) => Box::pin(conn.on_lease_news(news)).await,
             _ = kicked(&mut conn.kick) => {
-                conn.superseded("the session was resumed on another connection").await
+                Box::pin(conn.superseded("the session was resumed on another connection")).await
             }
-            view = changed(&mut conn.updates) => conn.on_chain(view).await,
-            inbound = conn.ws.next() => conn.on_inbound(inbound).await,
+            view = changed(&mut conn.updates) => Box::pin(conn.on_chain(view)).await,
+            // A frame from the client (a voucher, a Pong: far rarer than units out).
+            inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
             // The timers before the units: they are rarely ready, and a resource that keeps
             // the queue full must not starve the heartbeat (its lapse pauses delivery), the
             // usage saves or the deadlines.
@@ -205,7 +212,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
             _ = &mut sleep => {
                 armed = 0;
                 conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
-                conn.on_timer().await
+                Box::pin(conn.on_timer()).await
             }
             unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
         };
@@ -214,7 +221,7 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         }
     }
     conn.stop_request();
-    conn.release().await;
+    Box::pin(conn.release()).await;
 }
 
 async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
@@ -341,8 +348,14 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     }
 
     /// Performs effects in order; a `Verify` or a `Persist` is awaited and its outcome fed back
-    /// before the next effect.
-    async fn apply(&mut self, effects: Vec<Effect>) -> Flow {
+    /// before the next effect. Boxed: every path of the connection awaits it, and its state
+    /// (store and chain calls) would otherwise be part of the connection's future at each of
+    /// them, resident for the session's life.
+    fn apply(&mut self, effects: Vec<Effect>) -> BoxFuture<'_, Flow> {
+        Box::pin(self.apply_now(effects))
+    }
+
+    async fn apply_now(&mut self, effects: Vec<Effect>) -> Flow {
         let mut queue: VecDeque<Effect> = effects.into();
         // Once the socket fails, the rest of the effects that do not need it still run (the
         // claim is queued), and the session is treated as disconnected.
@@ -875,8 +888,8 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return flow;
         }
         match message {
-            ClientMessage::Open(msg) => self.on_open(msg).await,
-            ClientMessage::Resume { token } => self.on_resume(&token).await,
+            ClientMessage::Open(msg) => Box::pin(self.on_open(msg)).await,
+            ClientMessage::Resume { token } => Box::pin(self.on_resume(&token)).await,
             _ => {
                 let error = error_message("no_session", "send open (or resume) first", true);
                 self.apply(vec![Effect::Send(error)]).await

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub chain_events: AtomicU64,
     /// Connections closed because a send did not complete within the send timeout.
     pub send_timeouts: AtomicU64,
+    /// The size of a connection's future (what its task holds across its awaits), bytes.
+    pub connection_future_bytes: AtomicU64,
     /// Sessions resumed that this process served last (a reconnect to the same process).
     pub resumed_local: AtomicU64,
     /// Sessions resumed that another process (or this one before a restart) served last.
@@ -148,6 +150,12 @@ impl Metrics {
             "Connections closed because a send did not complete in time.",
             "counter",
             load(&self.send_timeouts),
+        );
+        counter(
+            "paystream_connection_future_bytes",
+            "Bytes a connection's task holds across its awaits.",
+            "gauge",
+            load(&self.connection_future_bytes),
         );
         counter(
             "paystream_leases_held",

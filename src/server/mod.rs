@@ -56,6 +56,10 @@ use verify::Verifier;
 
 /// 1,024 connections at once: each costs a task, a socket and a few kilobytes of buffers.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
+/// The WebSocket read buffer of a session: 1 KiB holds a voucher, a close or a short request
+/// (a longer frame is read in several chunks, and the buffer grows for it), and an idle session
+/// keeps no more than that resident for reading.
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
 /// Units a resource may produce ahead of delivery (the per-session outbound queue).
 pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
 /// A client must send `open` within 10 s of connecting.
@@ -66,6 +70,9 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Channel reads are cached for 2 s: an `open` storm on one channel costs one RPC call, and a
 /// withdrawal request is seen within two seconds.
 pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
+/// Channel reads in flight at once: each holds a connection to the node (a descriptor and its
+/// buffers) until it answers; a burst of opens beyond this waits its turn.
+pub const DEFAULT_MAX_CHAIN_READS: usize = 32;
 /// A disconnected session can be resumed for 5 minutes (DESIGN.md section 6).
 pub const DEFAULT_RESUME_WINDOW_SECS: u64 = 300;
 /// How long shutdown waits for sessions to close.
@@ -193,6 +200,8 @@ pub struct ServerState<C, S> {
     /// Consumption and claims the store refused, retried until it takes them.
     pub flusher: flusher::Flusher,
     channels: Mutex<LruCache<B256, (Instant, Option<ChannelInfo>)>>,
+    /// Turns for channel reads ([`DEFAULT_MAX_CHAIN_READS`]).
+    chain_reads: Semaphore,
     started: Instant,
     sessions: AtomicU64,
 }
@@ -234,6 +243,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
             guards: Arc::default(),
             flusher: flusher::Flusher::default(),
             channels: Mutex::new(LruCache::new(NonZeroUsize::new(16_384).expect("non-zero"))),
+            chain_reads: Semaphore::new(DEFAULT_MAX_CHAIN_READS),
             started: Instant::now(),
             sessions: AtomicU64::new(0),
         }
@@ -288,6 +298,21 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
         {
             return Ok(*info);
         }
+        let _turn = self
+            .chain_reads
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        // Read by another open while this one waited for its turn?
+        if let Some((at, info)) = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            && at.elapsed() < ttl
+        {
+            return Ok(*info);
+        }
         let info = self.chain.read_channel(id).await?;
         self.channels
             .lock()
@@ -332,6 +357,25 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
             terms,
         )
     }
+}
+
+/// Connections the kernel queues for `accept` (the `listen` backlog; the kernel caps it at
+/// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128, which a burst of a few
+/// hundred clients connecting at once overflows: the kernel then drops their SYNs, and each
+/// waits a whole second to retry (the 1 s tail of setups under load).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, so a restarted server
+/// binds its port again at once).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// 32 random bytes from the OS.
@@ -463,10 +507,20 @@ async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
     let config = WebSocketConfig::default()
         .max_message_size(Some(state.limits.max_message_bytes))
         .max_frame_size(Some(state.limits.max_message_bytes))
+        // An idle session's biggest cost was tungstenite's default 128 KiB read buffer, all of
+        // it resident once zero-filled by the first read: client frames are small (vouchers,
+        // requests), and a larger one is read in several chunks.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        // Frames go out as they are sent (the connection flushes each one anyway), so the
+        // write buffer holds one frame, not 128 KiB.
+        .write_buffer_size(0)
         .max_write_buffer_size(4 * 1024 * 1024);
+    // The request (its headers, hyper's buffers) is not kept for the session's life: only the
+    // upgrade is.
+    let upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
     tokio::spawn(async move {
-        let _permit = permit;
-        match hyper::upgrade::on(&mut req).await {
+        match upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
@@ -474,7 +528,16 @@ async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
                     Some(config),
                 )
                 .await;
-                connection::run(state, ws, resource, unauthenticated, stop).await;
+                let metrics = state.clone();
+                let session = connection::run(state, ws, resource, unauthenticated, stop, permit);
+                // What a session's task holds across its awaits (docs/SERVER.md, "Memory").
+                metrics
+                    .metrics
+                    .connection_future_bytes
+                    .store(std::mem::size_of_val(&session) as u64, Ordering::Relaxed);
+                // A task of its own, sized to the session's future: this one (the upgrade's
+                // state included) ends here rather than live as long as the session.
+                tokio::spawn(session);
             }
             Err(e) => debug!("upgrade failed: {e}"),
         }

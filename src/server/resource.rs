@@ -61,8 +61,9 @@ pub trait Resource: Send + Sync + 'static {
     fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<Ended>;
 }
 
-/// Deterministic text, one `app` message per token, at a configurable rate: the resource the
-/// tests and the demo use in place of an LLM.
+/// Deterministic text, one `app` message per token, at a configurable rate (a request may ask
+/// for a slower one with `tokensPerSec`): the resource the tests, the demo and `paystream load`
+/// use in place of an LLM.
 #[derive(Debug, Clone)]
 pub struct TokenGenerator {
     /// Tokens per second (0: as fast as delivery allows).
@@ -94,7 +95,18 @@ impl Resource for TokenGenerator {
     fn start(&self, request: serde_json::Value, tx: mpsc::Sender<Unit>) -> JoinHandle<Ended> {
         let asked = request.get("maxTokens").and_then(|v| v.as_u64());
         let max = asked.unwrap_or(self.default_max_tokens);
-        let rate = self.tokens_per_sec;
+        // A request may ask for a slower stream (`tokensPerSec`), never a faster one than
+        // configured.
+        let wanted = request
+            .get("tokensPerSec")
+            .and_then(|v| v.as_u64())
+            .and_then(|r| u32::try_from(r).ok())
+            .filter(|r| *r > 0);
+        let rate = match (self.tokens_per_sec, wanted) {
+            (0, Some(w)) => w,
+            (configured, Some(w)) => configured.min(w),
+            (configured, None) => configured,
+        };
         tokio::spawn(async move {
             let mut interval = (rate > 0).then(|| {
                 let mut i =
