@@ -490,3 +490,61 @@ async fn an_early_ask_left_unanswered_does_not_end_an_idle_session() {
     c.recv_until(|m| matches!(m, ServerMessage::Receipt { consumed: 95, .. }))
         .await;
 }
+
+/// Issue 13: at the connection limit, new clients hung in the kernel's queue with no answer
+/// (the limit was taken before `accept`), and `/healthz` and `/metrics` hung with them. Now a
+/// client over the limit is answered at once, 503 with `Retry-After`, and the operator's
+/// endpoints answer as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_the_connection_limit_is_refused_not_left_hanging() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.max_connections = 2);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut held = vec![stack.client(id).await, stack.client(id).await];
+    held[0].open(1, 100).await;
+    let url = format!("{}/ws/tokens", stack.url.replacen("http", "ws", 1));
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .expect("answered at once, not left hanging");
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            assert_eq!(
+                response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("5")
+            );
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    for path in ["/healthz", "/metrics"] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            common::stack::http_get(&stack.url, path),
+        )
+        .await
+        .expect("the operator's endpoints answer at the limit");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    let refusals = common::stack::metric(&stack, "paystream_refused_at_capacity_total")
+        .await
+        .unwrap();
+    assert!(refusals >= 3, "{refusals}");
+    // A slot freed is a slot taken.
+    drop(held.pop());
+    let mut back = None;
+    for _ in 0..100 {
+        if let Ok(ok) = tokio_tungstenite::connect_async(url.as_str()).await {
+            back = Some(ok);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back.is_some(), "a connection is accepted once one closed");
+}

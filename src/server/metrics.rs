@@ -35,6 +35,8 @@ pub struct Metrics {
     pub chain_events: AtomicU64,
     /// Connections closed because a send did not complete within the send timeout.
     pub send_timeouts: AtomicU64,
+    /// Connections refused at the connection limit (answered 503, or closed unanswered).
+    pub refused_at_capacity: AtomicU64,
     /// The size of a connection's future (what its task holds across its awaits), bytes.
     pub connection_future_bytes: AtomicU64,
     /// Sessions resumed that this process served last (a reconnect to the same process).
@@ -150,6 +152,12 @@ impl Metrics {
             "Connections closed because a send did not complete in time.",
             "counter",
             load(&self.send_timeouts),
+        );
+        counter(
+            "paystream_refused_at_capacity_total",
+            "Connections refused at the connection limit (503 with Retry-After).",
+            "counter",
+            load(&self.refused_at_capacity),
         );
         counter(
             "paystream_connection_future_bytes",

@@ -54,7 +54,9 @@ use metrics::Metrics;
 use resource::{Resource, Resources};
 use verify::Verifier;
 
-/// 1,024 connections at once: each costs a task, a socket and a few kilobytes of buffers.
+/// 1,024 connections at once: each costs a task, a socket and a few kilobytes of buffers. A
+/// connection over it is answered at once (503 with `Retry-After`; `/healthz` and `/metrics`
+/// as usual), never left in the kernel's queue.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 /// The WebSocket read buffer of a session: 1 KiB holds a voucher, a close or a short request
 /// (a longer frame is read in several chunks, and the buffer grows for it), and an idle session
@@ -100,7 +102,7 @@ pub const DEFAULT_MAX_FAILED_OPENS_PER_IP_PER_MIN: u32 = 30;
 /// Bounds on what a server holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections at once; taken before `accept`.
+    /// Connections at once; one over it is answered 503 with `Retry-After`.
     pub max_connections: usize,
     /// Units buffered per session.
     pub queue_capacity: usize,
@@ -421,25 +423,8 @@ async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
         ));
     }
     let path = req.uri().path().to_string();
-    match path.as_str() {
-        "/healthz" => {
-            return Ok(match state.store.ping().await {
-                Ok(()) => text(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
-                Err(e) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "application/json",
-                    serde_json::json!({"status": "degraded", "store": e.to_string()}).to_string(),
-                ),
-            });
-        }
-        "/metrics" => {
-            let mut body = state.metrics.render();
-            if let Some(settle) = &state.settle_metrics {
-                body.push_str(&settle.render());
-            }
-            return Ok(text(StatusCode::OK, "text/plain; version=0.0.4", body));
-        }
-        _ => {}
+    if matches!(path.as_str(), "/healthz" | "/metrics") {
+        return handle_ops(&path, &state).await;
     }
     let name = path
         .strip_prefix("/ws/")
@@ -553,6 +538,69 @@ async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
     Ok(response)
 }
 
+/// Connections over `max_connections` being answered at once (each for a few milliseconds).
+const MAX_REFUSALS_AT_ONCE: usize = 256;
+
+/// A connection over `max_connections`: `/healthz` and `/metrics` are answered as ever (an
+/// operator looks at a full server through them), anything else gets 503 with `Retry-After`,
+/// and the connection closes after one request.
+async fn refuse_at_capacity<C: ChannelChain, S: ChannelStore + SettlementStore>(
+    state: Arc<ServerState<C, S>>,
+    stream: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            let response = match req.uri().path() {
+                "/healthz" | "/metrics" => {
+                    return handle_ops(req.uri().path(), &state).await;
+                }
+                _ => {
+                    let mut response = text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "the server is at its connection limit; retry shortly\n",
+                    );
+                    response
+                        .headers_mut()
+                        .insert("retry-after", HeaderValue::from_static("5"));
+                    response
+                }
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+}
+
+/// `/healthz` and `/metrics`.
+async fn handle_ops<C: ChannelChain, S: ChannelStore + SettlementStore>(
+    path: &str,
+    state: &ServerState<C, S>,
+) -> Result<Response<Body>, Infallible> {
+    if path == "/healthz" {
+        return Ok(match state.store.ping().await {
+            Ok(()) => text(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
+            Err(e) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                serde_json::json!({"status": "degraded", "store": e.to_string()}).to_string(),
+            ),
+        });
+    }
+    let mut body = state.metrics.render();
+    if let Some(settle) = &state.settle_metrics {
+        body.push_str(&settle.render());
+    }
+    Ok(text(StatusCode::OK, "text/plain; version=0.0.4", body))
+}
+
 /// Serves HTTP and WebSocket on `listener` until `shutdown` completes, then closes every
 /// session with 1001 and waits (up to the drain timeout) for them to finish.
 pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
@@ -595,13 +643,11 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
     };
     tokio::pin!(shutdown);
     info!(addr = %listener.local_addr()?, "serving");
+    // Connections over `max_connections` are still accepted, and answered at once: 503 with
+    // Retry-After (and /healthz, /metrics as usual), never left hanging in the kernel's queue.
+    // These answers are bounded too; beyond them a connection is closed unanswered.
+    let overflow = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     loop {
-        // The permit is taken before accept, so an overloaded node stops pulling sockets
-        // instead of buffering them.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -616,6 +662,16 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .refused_at_capacity
+                .fetch_add(1, Ordering::Relaxed);
+            if let Ok(slot) = overflow.clone().try_acquire_owned() {
+                tasks.spawn(refuse_at_capacity(state, stream, slot));
+            }
+            continue;
+        };
         let stop = stop_rx.clone();
         let permit = Arc::new(permit);
         tasks.spawn(async move {
