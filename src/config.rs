@@ -37,6 +37,16 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// A value in the file (or the environment) that cannot be read as its key needs.
+    #[error("invalid configuration: {key} = {value}: {reason}")]
+    Value {
+        /// The key (`chain.contract`, `tariff.perMessage`, or an environment variable).
+        key: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// `paystream serve`'s configuration (the TOML file's layout; see the README).
@@ -496,19 +506,59 @@ fn default_max_tokens() -> u64 {
     DEFAULT_MAX_TOKENS
 }
 
+/// What a key's value must look like, after what the parser said, where it helps.
+fn with_hint(key: &str, reason: &str) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let hint = match last {
+        "contract" | "token" | "payee" => "expected an address: 0x and 40 hex digits",
+        "listen" | "metrics_listen" => "expected host:port, such as 127.0.0.1:8080",
+        "perMessage" | "perSecond" | "perByteOut" | "perByteIn" | "profit_factor"
+        | "wei_per_base_unit" => {
+            "expected { amount = \"..\", per = \"..\" }, whole numbers as strings, per above 0"
+        }
+        _ => return reason.to_string(),
+    };
+    format!("{reason} ({hint})")
+}
+
 impl ServeConfig {
     /// Parses the TOML file's text.
+    /// A value that does not fit its key is named with its key and the value as written.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let value = inner
+                .span()
+                .and_then(|span| text.get(span))
+                .map(|v| v.trim().to_string());
+            match value {
+                Some(value) if key != "." && !value.is_empty() => ConfigError::Value {
+                    reason: with_hint(&key, inner.message().trim()),
+                    key,
+                    value,
+                },
+                _ => ConfigError::Parse(inner.to_string()),
+            }
+        })
     }
 
     /// Applies `PAYSTREAM_LISTEN`, `PAYSTREAM_PUBLIC_URL`, `PAYSTREAM_RPC_URL`,
     /// `PAYSTREAM_CONTRACT` and `PAYSTREAM_REDIS_URL` from `env`.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: &str, reason: String| ConfigError::Value {
+            key: key.to_string(),
+            value: format!("{value:?}"),
+            reason,
+        };
         if let Some(v) = env("PAYSTREAM_LISTEN") {
-            self.listen = v.parse().map_err(|e| ConfigError::Invalid {
-                field: "PAYSTREAM_LISTEN",
-                reason: format!("{e}"),
+            self.listen = v.parse().map_err(|e| {
+                bad(
+                    "PAYSTREAM_LISTEN",
+                    &v,
+                    format!("{e} (expected host:port, such as 0.0.0.0:8080)"),
+                )
             })?;
         }
         if let Some(v) = env("PAYSTREAM_PUBLIC_URL") {
@@ -517,10 +567,28 @@ impl ServeConfig {
         if let Some(v) = env("PAYSTREAM_RPC_URL") {
             self.chain.rpc_url = v;
         }
-        if let Some(v) = env("PAYSTREAM_CONTRACT") {
-            self.chain.contract = v.parse().map_err(|e| ConfigError::Invalid {
-                field: "PAYSTREAM_CONTRACT",
-                reason: format!("{e}"),
+        // The contract's address, or a file holding it (a one-shot deploy wrote it).
+        let contract = match (env("PAYSTREAM_CONTRACT"), env("PAYSTREAM_CONTRACT_FILE")) {
+            (Some(v), _) => Some(("PAYSTREAM_CONTRACT", v)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    bad(
+                        "PAYSTREAM_CONTRACT_FILE",
+                        &path,
+                        format!("cannot read it: {e}"),
+                    )
+                })?;
+                Some(("PAYSTREAM_CONTRACT_FILE", text.trim().to_string()))
+            }
+            (None, None) => None,
+        };
+        if let Some((key, v)) = contract {
+            self.chain.contract = v.parse().map_err(|e| {
+                bad(
+                    key,
+                    &v,
+                    format!("{e} (expected an address: 0x and 40 hex digits)"),
+                )
             })?;
         }
         if let Some(v) = env("PAYSTREAM_REDIS_URL") {
@@ -537,17 +605,29 @@ impl ServeConfig {
                 reason: reason.into(),
             })
         };
+        let value = |key: &str, value: String, reason: &str| {
+            Err(ConfigError::Value {
+                key: key.into(),
+                value,
+                reason: reason.into(),
+            })
+        };
         if !matches!(
             self.store.kind.as_str(),
             "redis" | "redis_cluster" | "memory"
         ) {
-            return invalid(
+            return value(
                 "store.kind",
+                format!("{:?}", self.store.kind),
                 "must be \"redis\", \"redis_cluster\" or \"memory\"",
             );
         }
-        if self.limits.lease_ttl_ms.is_some_and(|ms| ms < 300) {
-            return invalid("limits.lease_ttl_ms", "must be at least 300");
+        if let Some(ms) = self.limits.lease_ttl_ms.filter(|ms| *ms < 300) {
+            return value(
+                "limits.lease_ttl_ms",
+                ms.to_string(),
+                "must be at least 300",
+            );
         }
         if self.tariff.is_free() {
             return invalid(
@@ -560,19 +640,23 @@ impl ServeConfig {
             reason: e.to_string(),
         })?;
         if self.session.credit_window == 0 {
-            return invalid("session.credit_window", "must be positive");
+            return value("session.credit_window", "\"0\"".into(), "must be positive");
         }
-        if self.session.heartbeat_ms == 0 || self.session.usage_interval_ms == 0 {
-            return invalid(
-                "session",
-                "heartbeat_ms and usage_interval_ms must be positive",
-            );
+        if self.session.heartbeat_ms == 0 {
+            return value("session.heartbeat_ms", "0".into(), "must be positive");
+        }
+        if self.session.usage_interval_ms == 0 {
+            return value("session.usage_interval_ms", "0".into(), "must be positive");
         }
         if self.resources.is_empty() {
             return invalid("resources", "configure at least one resource");
         }
         if !matches!(self.settle.mode.as_str(), "in_process" | "separate") {
-            return invalid("settle.mode", "must be \"in_process\" or \"separate\"");
+            return value(
+                "settle.mode",
+                format!("{:?}", self.settle.mode),
+                "must be \"in_process\" or \"separate\"",
+            );
         }
         if !self.settle.in_process() && self.chain.payee.is_none() {
             return invalid(
@@ -608,6 +692,84 @@ credit_window = "500"
 kind = "token_generator"
 tokens_per_sec = 20
 "#;
+
+    /// Issue 13: `contract = "0xdeadbeef"` stopped `serve` with only `invalid string length`,
+    /// and a zero `per` with `a price's per must not be zero` (which price?). Every bad value
+    /// now names its key and the value as written.
+    #[test]
+    fn every_bad_value_names_its_key_and_value() {
+        let file = |from: &str, to: &str| {
+            assert!(EXAMPLE.contains(from), "{from}");
+            ServeConfig::from_toml(&EXAMPLE.replace(from, to))
+                .and_then(|c| c.validate().map(|()| c))
+                .expect_err(to)
+                .to_string()
+        };
+        let cases = [
+            (
+                file(
+                    "contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"",
+                    "contract = \"0xdeadbeef\"",
+                ),
+                "chain.contract = \"0xdeadbeef\"",
+            ),
+            (
+                file("per = \"1000\"", "per = \"0\""),
+                "tariff.perMessage = { amount = \"3\", per = \"0\" }",
+            ),
+            (
+                file("amount = \"3\"", "amount = \"three\""),
+                "tariff.perMessage = { amount = \"three\", per = \"1000\" }",
+            ),
+            (
+                file("credit_window = \"500\"", "credit_window = \"-5\""),
+                "session.credit_window = \"-5\"",
+            ),
+            (
+                file("credit_window = \"500\"", "credit_window = \"0\""),
+                "session.credit_window = \"0\"",
+            ),
+            (
+                file("listen = \"127.0.0.1:9000\"", "listen = \"nowhere\""),
+                "listen = \"nowhere\"",
+            ),
+            (
+                file("[session]", "[store]\nkind = \"postgres\"\n[session]"),
+                "store.kind = \"postgres\"",
+            ),
+            (
+                file("[session]", "[limits]\nlease_ttl_ms = 10\n[session]"),
+                "limits.lease_ttl_ms = 10",
+            ),
+            (
+                file("[session]", "[settle]\nmode = \"elsewhere\"\n[session]"),
+                "settle.mode = \"elsewhere\"",
+            ),
+        ];
+        for (message, names) in cases {
+            assert!(
+                message.contains(names),
+                "{message:?} does not name {names:?}"
+            );
+        }
+        // A resource's fields are read through its `kind`: the resource's key, and the value.
+        let message = file("tokens_per_sec = 20", "tokens_per_sec = \"fast\"");
+        assert!(
+            message.contains("resources.tokens") && message.contains("\"fast\""),
+            "{message}"
+        );
+        let mut c = ServeConfig::from_toml(EXAMPLE).unwrap();
+        for (key, value) in [
+            ("PAYSTREAM_CONTRACT", "0x12"),
+            ("PAYSTREAM_LISTEN", "port 80"),
+        ] {
+            let message = c
+                .apply_env(|k| (k == key).then(|| value.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(&format!("{key} = {value:?}")), "{message}");
+        }
+    }
 
     #[test]
     fn parses_validates_and_takes_the_environment() {

@@ -4,7 +4,11 @@
 mod cmd;
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::process::ExitCode;
+
+/// `json` for JSON log lines (one object a line); anything else, or unset, for text.
+const LOG_FORMAT_ENV: &str = "PAYSTREAM_LOG_FORMAT";
 
 /// PayStream: off-chain state-channel payment streaming.
 #[derive(Debug, Parser)]
@@ -51,13 +55,19 @@ fn main() -> ExitCode {
         Command::Serve(_) | Command::Deploy(_) | Command::Settle(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // JSON lines on request (a log pipeline); otherwise text, coloured only on a terminal (a
+    // file or a pipe gets no escape codes).
+    if std::env::var(LOG_FORMAT_ENV).is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
         Command::Pay(args) => runtime()

@@ -337,3 +337,43 @@ async fn withdraw_after_the_delay_on_the_in_process_evm() {
     assert_eq!(node.balance_of(payer) - before, U256::from(ETH));
     assert!(c.read_channel(id).await.unwrap().unwrap().closed);
 }
+
+/// `paystream deploy --out FILE --reuse` (the compose file's one-shot step): the first run
+/// deploys and writes the address; a second run on the same chain keeps that contract; on a
+/// chain without it (a fresh anvil) it deploys again.
+#[test]
+fn deploy_writes_its_address_and_reuses_a_deployed_contract() {
+    let anvil = Anvil::start();
+    let dir = common::faults::TempDir::new("deploy");
+    let out = dir.path().join("contract");
+    let run = |url: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_paystream"))
+            .args(["deploy", "--rpc-url", url, "--reuse", "--out"])
+            .arg(&out)
+            .env("PAYSTREAM_DEPLOYER_KEY", common::anvil::DEV_KEYS[0])
+            .output()
+            .expect("paystream deploy runs");
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let first = run(&anvil.url);
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        written.trim().parse::<Address>().unwrap(),
+        first["address"]
+            .as_str()
+            .unwrap()
+            .parse::<Address>()
+            .unwrap()
+    );
+    let second = run(&anvil.url);
+    assert_eq!(second["address"], first["address"]);
+    assert_eq!(second["reused"], true);
+    drop(anvil);
+    let fresh = Anvil::start();
+    let third = run(&fresh.url);
+    assert_ne!(
+        third["reused"], true,
+        "nothing there on a new chain: deployed"
+    );
+}

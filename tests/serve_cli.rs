@@ -72,11 +72,13 @@ kind = "token_generator"
             let _ = tx.send(line);
         }
     });
-    // Wait for the "serving" log line: the listener is bound.
+    // Wait for the "serving" log line: the listener is bound. Logs to a pipe carry no colour
+    // codes (issue 13: they did).
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("paystream serve logs that it is serving");
+        assert!(!line.contains('\u{1b}'), "an escape code in {line:?}");
         if line.contains("serving") {
             break;
         }
@@ -99,6 +101,60 @@ kind = "token_generator"
     let exit = child.wait().unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `PAYSTREAM_LOG_FORMAT=json`: one JSON object a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_json_lines_on_request() {
+    let anvil = Anvil::start();
+    let contract = Channels::deploy(
+        RpcBackend::connect(&anvil.url, dev_signer(0))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .address();
+    let dir = common::faults::TempDir::new("serve-json");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:0"
+[chain]
+rpc_url = "{}"
+contract = "{contract}"
+[store]
+kind = "memory"
+[tariff]
+perMessage = {{ amount = "3", per = "1000" }}
+[resources.tokens]
+kind = "token_generator"
+"#,
+            anvil.url
+        ),
+    )
+    .unwrap();
+    let mut child = common::faults::Guard(
+        Command::new(env!("CARGO_BIN_EXE_paystream"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("PAYSTREAM_PAYEE_KEY", DEV_KEYS[2])
+            .env("PAYSTREAM_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let serving = lines
+        .find(|l| l.contains("serving"))
+        .expect("a serving line");
+    let json: serde_json::Value = serde_json::from_str(&serving).expect("a JSON log line");
+    assert_eq!(json["level"], "INFO");
+    assert_eq!(json["fields"]["message"], "serving");
+    child.kill();
 }
 
 /// With a Redis store, `serve` refuses to start without the shared resume token secret (a

@@ -1,4 +1,7 @@
 //! `paystream deploy --rpc-url URL`: deploys `PaymentChannels` from the committed bytecode.
+//! With `--out FILE` it writes the address there too, and with `--reuse` it first looks there:
+//! a contract already deployed at that address on this chain is kept (a one-shot deploy step
+//! of a compose file that runs again).
 
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::Context;
@@ -20,6 +23,13 @@ pub struct DeployArgs {
     /// process lists.
     #[arg(long, env = DEPLOYER_KEY_ENV, hide_env_values = true)]
     key: String,
+    /// Also write the contract's address to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// If `--out` names an address of a PaymentChannels contract on this chain, use it instead
+    /// of deploying another.
+    #[arg(long, requires = "out")]
+    reuse: bool,
 }
 
 /// Deploys the contract and prints `{address, chainId, txHash, block, gasUsed, deployer}`.
@@ -34,9 +44,28 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", args.rpc_url))?;
     let deployer = backend.sender();
     let chain_id = backend.chain_id();
+    if args.reuse
+        && let Some(path) = &args.out
+        && let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(address) = text.trim().parse::<alloy::primitives::Address>()
+    {
+        // The contract answers its own view: it is there, on this chain.
+        let existing = Channels::at(backend.clone(), address);
+        if existing.domain_separator().await.is_ok() {
+            println!(
+                "{}",
+                json!({ "address": address, "chainId": chain_id, "reused": true })
+            );
+            return Ok(());
+        }
+    }
     let contract = Channels::deploy(backend)
         .await
         .context("deploying PaymentChannels")?;
+    if let Some(path) = &args.out {
+        std::fs::write(path, format!("{}\n", contract.address()))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     println!(
         "{}",
         json!({
