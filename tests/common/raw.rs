@@ -79,6 +79,14 @@ impl Raw {
             .is_ok()
     }
 
+    /// Writes a text frame whose payload is `bytes`, valid UTF-8 or not.
+    pub async fn send_bytes_as_text(&mut self, bytes: &[u8]) -> bool {
+        self.stream
+            .write_all(&Self::frame(0x1, bytes))
+            .await
+            .is_ok()
+    }
+
     /// Writes a protocol message; `false` once the server has gone.
     pub async fn send(&mut self, message: &ClientMessage) -> bool {
         self.send_text(&encode_client(message)).await
