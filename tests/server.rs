@@ -402,5 +402,5 @@ async fn a_connection_future_stays_within_its_memory_budget() {
         .await
         .unwrap();
     eprintln!("a connection's future: {bytes} bytes");
-    assert!(bytes <= 8_192, "{bytes} bytes");
+    assert!(bytes <= 4_096, "{bytes} bytes");
 }

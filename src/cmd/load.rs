@@ -151,6 +151,16 @@ async fn server_metric(resource_url: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The CPU time `pid` has used, seconds (Linux: user and system time from `/proc/PID/stat`).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces) start after its closing ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks as f64 / 100.0)
+}
+
 /// Everything a session needs to open and pay.
 struct Ctx {
     ws_url: String,
@@ -491,6 +501,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 
     // The hold: progress every second.
     let hold_started = Instant::now();
+    let cpu_before = args.server_pid.and_then(cpu_secs);
     let (m0, v0) = (
         stats.messages.load(Ordering::Relaxed),
         stats.vouchers.load(Ordering::Relaxed),
@@ -516,6 +527,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     let hold = hold_started.elapsed().as_secs_f64();
     let rss_after = args.server_pid.and_then(rss_kib);
+    let cpu_share = match (cpu_before, args.server_pid.and_then(cpu_secs)) {
+        (Some(b), Some(a)) => Some((a - b) / hold.max(1e-9)),
+        _ => None,
+    };
     let future_bytes = server_metric(&args.url, "paystream_connection_future_bytes").await;
     let messages = stats.messages.load(Ordering::Relaxed) - m0;
     let vouchers = stats.vouchers.load(Ordering::Relaxed) - v0;
@@ -554,6 +569,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "serverRssAfterKiB": rss_after,
         "serverKiBPerSession": per_session,
         "serverConnectionFutureBytes": future_bytes,
+        "serverCpuWhileHolding": cpu_share,
     });
     println!("{report}");
     Ok(())

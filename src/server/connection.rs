@@ -99,20 +99,19 @@ struct Connection<C, S> {
     recorded: (u64, Option<u64>),
 }
 
-/// Runs a connection until it closes.
-pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
+/// The connection, to run until it closes: built here, outside its future, so that the
+/// future holds the connection once (its arguments are not kept beside it for its life).
+pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     state: Arc<ServerState<C, S>>,
     ws: Ws,
     resource: Arc<dyn Resource>,
     unauthenticated: Arc<Unauthenticated>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
-) {
-    // The connection's slot, held until it ends.
-    let _permit = permit;
+) -> impl std::future::Future<Output = ()> + Send {
     let now = state.now();
     let ip = unauthenticated.ip();
-    let mut conn = Connection {
+    let conn = Connection {
         state,
         ws,
         resource,
@@ -135,93 +134,112 @@ pub(super) async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         jti: String::new(),
         recorded: (0, None),
     };
-    let limits = conn.state.limits.clone();
-    let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let opened_by = now + limits.handshake_timeout_ms * 1_000_000;
-    let sleep = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(sleep);
-    let mut armed: Nanos = 0;
-    loop {
-        // Deliver what can be paid for before waiting on anything else.
-        if let Flow::Closed = conn.deliver_ready().await {
-            break;
-        }
-        let now = conn.state.now();
-        let wake = match &conn.session {
-            Some(s) => s.next_wakeup(),
-            None => Some(opened_by),
-        };
-        // The lease's deadline (renewals move it later before it comes, in a healthy process).
-        let lease_wake = conn
-            .lease
-            .as_ref()
-            .filter(|_| !conn.lapsed)
-            .map(|l| l.deadline());
-        let wake = match (wake, lease_wake) {
-            (Some(w), Some(l)) => Some(w.min(l)),
-            (w, l) => w.or(l),
-        };
-        let idle_at = conn.last_inbound + limits.idle_timeout_ms * 1_000_000;
-        let wake = wake.map_or(idle_at, |w| w.min(idle_at));
-        // One timer for the connection, moved only when the next deadline is earlier than the
-        // armed one or the armed one has passed (waking early is harmless: tick does nothing).
-        if wake < armed || armed <= now {
-            armed = wake;
-            sleep.as_mut().reset(
-                tokio::time::Instant::now() + Duration::from_nanos(wake.saturating_sub(now)),
-            );
-        }
-        let can_take =
-            conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
-        if conn.lost {
-            // A write refused for its fence: the lease was lost (found here before the
-            // keeper's renewal could say so).
-            conn.lost = false;
-            conn.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
-            if let Flow::Closed = conn
-                .superseded("another server took this session's channel over")
-                .await
-            {
+    let mut conn = conn;
+    // The block holds the connection; its loop borrows it there (an `async fn` taking `self`
+    // would keep it twice: the argument and the local it is moved into).
+    async move { conn.serve(stop, permit, now).await }
+}
+
+impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
+    /// The connection's loop, until it closes.
+    async fn serve(
+        &mut self,
+        mut stop: watch::Receiver<bool>,
+        permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+        now: Nanos,
+    ) {
+        // The connection's slot, held until it ends.
+        let _permit = permit;
+        let conn = self;
+        let handshake_timeout_ms = conn.state.limits.handshake_timeout_ms;
+        let idle_timeout_ms = conn.state.limits.idle_timeout_ms;
+        let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let opened_by = now + handshake_timeout_ms * 1_000_000;
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut armed: Nanos = 0;
+        loop {
+            // Deliver what can be paid for before waiting on anything else.
+            if let Flow::Closed = conn.deliver_ready().await {
                 break;
             }
-            continue;
-        }
-        let flow = tokio::select! {
-            biased;
-            // The rare paths are boxed: their state is allocated when they run, not kept in
-            // every connection's future.
-            _ = stop.changed() => Box::pin(conn.shutdown()).await,
-            news = lease_news(&mut conn.lease_news) => Box::pin(conn.on_lease_news(news)).await,
-            _ = kicked(&mut conn.kick) => {
-                Box::pin(conn.superseded("the session was resumed on another connection")).await
+            let now = conn.state.now();
+            let wake = match &conn.session {
+                Some(s) => s.next_wakeup(),
+                None => Some(opened_by),
+            };
+            // The lease's deadline (renewals move it later before it comes, in a healthy process).
+            let lease_wake = conn
+                .lease
+                .as_ref()
+                .filter(|_| !conn.lapsed)
+                .map(|l| l.deadline());
+            let wake = match (wake, lease_wake) {
+                (Some(w), Some(l)) => Some(w.min(l)),
+                (w, l) => w.or(l),
+            };
+            let idle_at = conn.last_inbound + idle_timeout_ms * 1_000_000;
+            let wake = wake.map_or(idle_at, |w| w.min(idle_at));
+            // One timer for the connection, moved only when the next deadline is earlier than the
+            // armed one or the armed one has passed (waking early is harmless: tick does nothing).
+            if wake < armed || armed <= now {
+                armed = wake;
+                sleep.as_mut().reset(
+                    tokio::time::Instant::now() + Duration::from_nanos(wake.saturating_sub(now)),
+                );
             }
-            view = changed(&mut conn.updates) => Box::pin(conn.on_chain(view)).await,
-            // A frame from the client (a voucher, a Pong: far rarer than units out).
-            inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
-            // The timers before the units: they are rarely ready, and a resource that keeps
-            // the queue full must not starve the heartbeat (its lapse pauses delivery), the
-            // usage saves or the deadlines.
-            _ = ping.tick() => {
-                let payload = conn.state.now().to_be_bytes().to_vec();
-                match conn.send(Message::Ping(payload.into())).await {
-                    Ok(()) => Flow::Continue,
-                    Err(()) => Flow::Closed,
+            let can_take =
+                conn.held.is_none() && conn.session.as_ref().is_some_and(Session::can_deliver);
+            if conn.lost {
+                // A write refused for its fence: the lease was lost (found here before the
+                // keeper's renewal could say so).
+                conn.lost = false;
+                conn.metrics().leases_lost.fetch_add(1, Ordering::Relaxed);
+                if let Flow::Closed =
+                    Box::pin(conn.superseded("another server took this session's channel over"))
+                        .await
+                {
+                    break;
                 }
+                continue;
             }
-            _ = &mut sleep => {
-                armed = 0;
-                conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
-                Box::pin(conn.on_timer()).await
+            let flow = tokio::select! {
+                biased;
+                // The rare paths are boxed: their state is allocated when they run, not kept in
+                // every connection's future.
+                _ = stop.changed() => Box::pin(conn.shutdown()).await,
+                news = lease_news(&mut conn.lease_news) => Box::pin(conn.on_lease_news(news)).await,
+                _ = kicked(&mut conn.kick) => {
+                    Box::pin(conn.superseded("the session was resumed on another connection")).await
+                }
+                view = changed(&mut conn.updates) => Box::pin(conn.on_chain(view)).await,
+                // A frame from the client (a voucher, a Pong: far rarer than units out).
+                inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
+                // The timers before the units: they are rarely ready, and a resource that keeps
+                // the queue full must not starve the heartbeat (its lapse pauses delivery), the
+                // usage saves or the deadlines.
+                _ = ping.tick() => {
+                    let payload = conn.state.now().to_be_bytes().to_vec();
+                    match conn.send(Message::Ping(payload.into())).await {
+                        Ok(()) => Flow::Continue,
+                        Err(()) => Flow::Closed,
+                    }
+                }
+                _ = &mut sleep => {
+                    armed = 0;
+                    conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
+                    Box::pin(conn.on_timer()).await
+                }
+                unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
+            };
+            if let Flow::Closed = flow {
+                break;
             }
-            unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
-        };
-        if let Flow::Closed = flow {
-            break;
         }
+        conn.stop_request();
+        Box::pin(conn.release()).await;
     }
-    conn.stop_request();
-    Box::pin(conn.release()).await;
 }
 
 async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {

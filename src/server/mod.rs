@@ -58,10 +58,10 @@ use verify::Verifier;
 /// connection over it is answered at once (503 with `Retry-After`; `/healthz` and `/metrics`
 /// as usual), never left in the kernel's queue.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
-/// The WebSocket read buffer of a session: 1 KiB holds a voucher, a close or a short request
+/// The WebSocket read buffer of a session: 512 bytes hold a voucher, a close or a short request
 /// (a longer frame is read in several chunks, and the buffer grows for it), and an idle session
 /// keeps no more than that resident for reading.
-pub const WS_READ_BUFFER_BYTES: usize = 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 512;
 /// Units a resource may produce ahead of delivery (the per-session outbound queue).
 pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
 /// A client must send `open` within 10 s of connecting.
