@@ -404,3 +404,28 @@ async fn a_connection_future_stays_within_its_memory_budget() {
     eprintln!("a connection's future: {bytes} bytes");
     assert!(bytes <= 4_096, "{bytes} bytes");
 }
+
+/// Issue 13: every `open` read its channel from the node, so a burst of opens was a burst of
+/// RPC calls (and of pooled connections). A channel the server saw opening in the contract's
+/// events is served from that: here its session opens with the node gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_seen_opening_needs_no_read_of_the_node() {
+    let mut stack = Stack::start(streaming(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
+    let id = stack.open_channel(payee(), 41, 1_000).await;
+    // The watcher has read the `Opened` event.
+    common::stack::wait_for_metric(&stack, "paystream_chain_events_total", 1).await;
+    stack.anvil.stop();
+    let mut c = stack.client(id).await;
+    let opened = c.open(1, 100).await;
+    assert!(
+        matches!(
+            opened,
+            ServerMessage::Session {
+                nonce: 1,
+                cumulative: 100,
+                ..
+            }
+        ),
+        "{opened:?}"
+    );
+}

@@ -317,45 +317,83 @@ impl<B: Backend> ChannelChain for Channels<B> {
 
     async fn channel_events(&self, from: u64, to: u64) -> Result<Vec<(ChannelEvent, u64)>> {
         let topics = [
+            pc::Opened::SIGNATURE_HASH,
+            pc::Settled::SIGNATURE_HASH,
             pc::ToppedUp::SIGNATURE_HASH,
             pc::WithdrawRequested::SIGNATURE_HASH,
             pc::Withdrawn::SIGNATURE_HASH,
             pc::ClosedCooperatively::SIGNATURE_HASH,
         ];
         let logs = self.backend.logs(self.address, &topics, from, to).await?;
-        Ok(logs
-            .iter()
-            // Only the contract's own events count (a token could emit look-alikes).
-            .filter(|l| l.log.address == self.address)
-            .filter_map(|l| {
-                let topic = *l.log.topics().first()?;
-                let event = if topic == pc::ToppedUp::SIGNATURE_HASH {
-                    let e = pc::ToppedUp::decode_log(&l.log).ok()?;
-                    ChannelEvent::ToppedUp {
-                        channel_id: e.channelId,
+        let mut out = Vec::new();
+        // Only the contract's own events count (a token could emit look-alikes).
+        for l in logs.iter().filter(|l| l.log.address == self.address) {
+            let Some(topic) = l.log.topics().first().copied() else {
+                continue;
+            };
+            if topic == pc::Opened::SIGNATURE_HASH {
+                if let Ok(e) = pc::Opened::decode_log(&l.log) {
+                    let info = ChannelInfo {
+                        id: e.channelId,
+                        payer: e.payer,
+                        payee: e.payee,
+                        token: e.token,
                         deposit: e.deposit,
-                    }
-                } else if topic == pc::WithdrawRequested::SIGNATURE_HASH {
-                    let e = pc::WithdrawRequested::decode_log(&l.log).ok()?;
-                    ChannelEvent::WithdrawRequested(WithdrawRequest {
-                        channel_id: e.channelId,
-                        withdraw_at: e.withdrawAt,
-                        block: l.block,
-                    })
-                } else if topic == pc::Withdrawn::SIGNATURE_HASH {
-                    let e = pc::Withdrawn::decode_log(&l.log).ok()?;
-                    ChannelEvent::Withdrawn {
-                        channel_id: e.channelId,
-                    }
-                } else {
-                    let e = pc::ClosedCooperatively::decode_log(&l.log).ok()?;
-                    ChannelEvent::Closed {
-                        channel_id: e.channelId,
-                    }
-                };
-                Some((event, l.block))
+                        claimed: 0,
+                        claimed_nonce: 0,
+                        withdraw_delay: e.withdrawDelay,
+                        withdraw_at: 0,
+                        closed: false,
+                    };
+                    out.push((ChannelEvent::Opened(info), l.block));
+                }
+                continue;
+            }
+            if topic == pc::Settled::SIGNATURE_HASH {
+                if let Ok(e) = pc::Settled::decode_log(&l.log) {
+                    out.extend(
+                        e.data
+                            .channelIds
+                            .iter()
+                            .map(|id| (ChannelEvent::Settled { channel_id: *id }, l.block)),
+                    );
+                }
+                continue;
+            }
+            out.extend(Self::other_event(topic, l));
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Backend> Channels<B> {
+    /// A `ToppedUp`, `WithdrawRequested`, `Withdrawn` or `ClosedCooperatively` log.
+    fn other_event(topic: B256, l: &super::BlockLog) -> Option<(ChannelEvent, u64)> {
+        let event = if topic == pc::ToppedUp::SIGNATURE_HASH {
+            let e = pc::ToppedUp::decode_log(&l.log).ok()?;
+            ChannelEvent::ToppedUp {
+                channel_id: e.channelId,
+                deposit: e.deposit,
+            }
+        } else if topic == pc::WithdrawRequested::SIGNATURE_HASH {
+            let e = pc::WithdrawRequested::decode_log(&l.log).ok()?;
+            ChannelEvent::WithdrawRequested(WithdrawRequest {
+                channel_id: e.channelId,
+                withdraw_at: e.withdrawAt,
+                block: l.block,
             })
-            .collect())
+        } else if topic == pc::Withdrawn::SIGNATURE_HASH {
+            let e = pc::Withdrawn::decode_log(&l.log).ok()?;
+            ChannelEvent::Withdrawn {
+                channel_id: e.channelId,
+            }
+        } else {
+            let e = pc::ClosedCooperatively::decode_log(&l.log).ok()?;
+            ChannelEvent::Closed {
+                channel_id: e.channelId,
+            }
+        };
+        Some((event, l.block))
     }
 }
 

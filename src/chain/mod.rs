@@ -309,6 +309,14 @@ pub trait ChannelChain: Send + Sync + 'static {
 /// A change to a channel, from the contract's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelEvent {
+    /// `Opened`: a new channel, as the contract holds it right after (nothing claimed, no
+    /// withdrawal requested).
+    Opened(crate::channel::ChannelInfo),
+    /// `Settled` named the channel: its claimed total changed.
+    Settled {
+        /// The channel.
+        channel_id: B256,
+    },
     /// `ToppedUp`: the deposit grew.
     ToppedUp {
         /// The channel.
@@ -335,8 +343,10 @@ impl ChannelEvent {
     pub fn channel_id(&self) -> B256 {
         match self {
             Self::ToppedUp { channel_id, .. }
+            | Self::Settled { channel_id }
             | Self::Withdrawn { channel_id }
             | Self::Closed { channel_id } => *channel_id,
+            Self::Opened(info) => info.id,
             Self::WithdrawRequested(r) => r.channel_id,
         }
     }

@@ -28,7 +28,7 @@ use crate::meter::Nanos;
 use crate::store::{ChannelStore, Fence, LeaseStatus};
 
 /// Renewals in flight at once (the store bounds its calls too).
-const RENEWALS_AT_ONCE: usize = 256;
+const RENEWALS_AT_ONCE: usize = 16;
 
 /// What the keeper tells the connection holding a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -72,6 +72,11 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Channel reads are cached for 2 s: an `open` storm on one channel costs one RPC call, and a
 /// withdrawal request is seen within two seconds.
 pub const DEFAULT_CHANNEL_CACHE_MS: u64 = 2_000;
+/// How long a channel seen opening in the contract's events is served from the watcher's
+/// account of it: the watcher drops it on any later event about the channel (a top-up, a claim
+/// paid, a withdrawal request, a close), so this only bounds how long a missed event could
+/// matter.
+pub const OPENED_CHANNEL_CACHE: Duration = Duration::from_secs(600);
 /// Channel reads in flight at once: each holds a connection to the node (a descriptor and its
 /// buffers) until it answers; a burst of opens beyond this waits its turn.
 pub const DEFAULT_MAX_CHAIN_READS: usize = 32;
@@ -201,6 +206,9 @@ pub struct ServerState<C, S> {
     pub guards: Arc<guard::Guards>,
     /// Consumption and claims the store refused, retried until it takes them.
     pub flusher: flusher::Flusher,
+    /// Channel reads, each with when it expires: a node's answer after
+    /// [`Limits::channel_cache_ms`], a channel seen opening in the contract's events after
+    /// [`OPENED_CHANNEL_CACHE`] (any later event about it drops it at once).
     channels: Mutex<LruCache<B256, (Instant, Option<ChannelInfo>)>>,
     /// Turns for channel reads ([`DEFAULT_MAX_CHAIN_READS`]).
     chain_reads: Semaphore,
@@ -288,15 +296,16 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
         alloy::hex::encode(&keccak256(seed)[..16])
     }
 
-    /// The channel as the chain holds it, through a short cache.
+    /// The channel as the chain holds it, through a short cache (and what the contract's
+    /// events said of channels opened since the server started).
     pub(crate) async fn read_channel(&self, id: B256) -> Result<Option<ChannelInfo>, ChainError> {
         let ttl = Duration::from_millis(self.limits.channel_cache_ms);
-        if let Some((at, info)) = self
+        if let Some((expires, info)) = self
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            && at.elapsed() < ttl
+            && Instant::now() < *expires
         {
             return Ok(*info);
         }
@@ -306,12 +315,12 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
             .await
             .expect("the semaphore is never closed");
         // Read by another open while this one waited for its turn?
-        if let Some((at, info)) = self
+        if let Some((expires, info)) = self
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            && at.elapsed() < ttl
+            && Instant::now() < *expires
         {
             return Ok(*info);
         }
@@ -319,8 +328,17 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> ServerState<C, S> {
         self.channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .put(id, (Instant::now(), info));
+            .put(id, (Instant::now() + ttl, info));
         Ok(info)
+    }
+
+    /// A channel the contract's events showed opening (the watcher): its first `open` needs
+    /// no read of the node. Every later event about it drops it from the cache.
+    pub(crate) fn seed_channel(&self, info: ChannelInfo) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(info.id, (Instant::now() + OPENED_CHANNEL_CACHE, Some(info)));
     }
 
     /// Drops a cached channel read (after the channel changed on-chain).

@@ -27,11 +27,13 @@ pub const DEFAULT_LOG_RANGE_BLOCKS: u64 = 500;
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 1_000;
 
 /// The update a session sees for an event.
-fn update_of(event: &ChannelEvent) -> ChainUpdate {
+/// What a live session must hear of an event (nothing, for a channel's opening or a claim paid).
+fn update_of(event: &ChannelEvent) -> Option<ChainUpdate> {
     match event {
-        ChannelEvent::ToppedUp { deposit, .. } => ChainUpdate::ToppedUp { deposit: *deposit },
-        ChannelEvent::WithdrawRequested(_) => ChainUpdate::WithdrawRequested,
-        ChannelEvent::Withdrawn { .. } | ChannelEvent::Closed { .. } => ChainUpdate::Closed,
+        ChannelEvent::ToppedUp { deposit, .. } => Some(ChainUpdate::ToppedUp { deposit: *deposit }),
+        ChannelEvent::WithdrawRequested(_) => Some(ChainUpdate::WithdrawRequested),
+        ChannelEvent::Withdrawn { .. } | ChannelEvent::Closed { .. } => Some(ChainUpdate::Closed),
+        ChannelEvent::Opened(_) | ChannelEvent::Settled { .. } => None,
     }
 }
 
@@ -43,6 +45,10 @@ const REORG_BLOCKS: u64 = 8;
 /// Events remembered so that one read twice (the reorg window) is counted once.
 const SEEN_EVENTS: usize = 4_096;
 
+/// Channels remembered as changed since they opened (about 3 MiB): they are never served from
+/// their `Opened` event again, only from the node.
+const TOUCHED_CHANNELS: usize = 65_536;
+
 /// What an event is, for telling a repeat from a new one.
 fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, u8) {
     let kind = match event {
@@ -50,6 +56,8 @@ fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, 
         ChannelEvent::WithdrawRequested(_) => 1,
         ChannelEvent::Withdrawn { .. } => 2,
         ChannelEvent::Closed { .. } => 3,
+        ChannelEvent::Opened(_) => 4,
+        ChannelEvent::Settled { .. } => 5,
     };
     (block, event.channel_id(), kind)
 }
@@ -67,6 +75,8 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     let mut range = max_range;
     let mut next = start;
     let mut seen = lru::LruCache::new(std::num::NonZeroUsize::new(SEEN_EVENTS).expect("non-zero"));
+    let mut touched =
+        lru::LruCache::new(std::num::NonZeroUsize::new(TOUCHED_CHANNELS).expect("non-zero"));
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -100,8 +110,24 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
                 }
                 let channel = event.channel_id();
                 debug!(%channel, ?event, "channel event");
-                state.forget_channel(channel);
-                state.registry.chain_update(channel, update_of(event));
+                match event {
+                    // A new channel as the contract holds it: its first `open` reads no node.
+                    // Not once anything else happened to it (an `Opened` read again in the
+                    // reorg window must not bring back what a later event changed).
+                    ChannelEvent::Opened(info) => {
+                        if !touched.contains(&channel) {
+                            state.seed_channel(*info);
+                        }
+                    }
+                    // Anything else changes what the chain holds: read it again.
+                    _ => {
+                        touched.put(channel, ());
+                        state.forget_channel(channel);
+                    }
+                }
+                if let Some(update) = update_of(event) {
+                    state.registry.chain_update(channel, update);
+                }
                 state.metrics.chain_events.fetch_add(1, Ordering::Relaxed);
             }
             from = to + 1;

@@ -462,7 +462,9 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
                         self.store.remove_withdrawal(channel_id).await?;
                         self.infos.remove(&channel_id);
                     }
-                    ChannelEvent::ToppedUp { .. } => {}
+                    ChannelEvent::ToppedUp { .. }
+                    | ChannelEvent::Opened(_)
+                    | ChannelEvent::Settled { .. } => {}
                 }
             }
             from = to + 1;
