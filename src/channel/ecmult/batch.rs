@@ -24,9 +24,9 @@
 use k256::FieldElement as Fe;
 use k256::Scalar;
 
-use super::point::{Affine, Jacobian, fe_batch_invert};
+use super::point::{Affine, fe_batch_invert};
 use super::scalar::{self, GLV};
-use super::single::{Term, generator_terms, key_terms};
+use super::single::{Buckets, Recoding, generator_terms, key_terms};
 use super::table::SplitTable;
 use super::{R_WINDOW, r_field};
 
@@ -79,8 +79,7 @@ pub(super) fn verify(entries: &[Entry<'_>], randomizers: &[u128]) -> Option<bool
 
     let lambda = GLV.lambda;
     let mut g_coefficient = Scalar::ZERO;
-    let mut buckets: Vec<Vec<Affine>> = vec![Vec::new(); RANDOMIZER_BITS as usize + 1];
-    let mut terms: Vec<Term<'_>> = Vec::with_capacity(16);
+    let mut terms = Recoding::with_capacity(2 * n + 8 * n + 8, 64 * n + 32);
     let mut current: Option<(&SplitTable, Scalar)> = None;
     for &i in &order {
         let e = &entries[i];
@@ -101,50 +100,32 @@ pub(super) fn verify(entries: &[Entry<'_>], randomizers: &[u128]) -> Option<bool
             None => Some((e.table, q_coefficient)),
         };
         let points = &r_tables[i * per..(i + 1) * per];
-        terms.push(Term::new(
+        terms.push(
             points,
             false,
             true,
             u128::from(a1),
             RANDOMIZER_BITS,
             R_WINDOW,
-        ));
-        terms.push(Term::new(
+        );
+        terms.push(
             points,
             true,
             true,
             u128::from(a2),
             RANDOMIZER_BITS,
             R_WINDOW,
-        ));
-        drain(&mut terms, &mut buckets);
+        );
     }
     if let Some((table, sum)) = current {
         key_terms(&scalar::glv_split(&sum)?, table, &mut terms);
     }
     generator_terms(&g_coefficient, &mut terms);
-    drain(&mut terms, &mut buckets);
 
+    let mut buckets = Buckets::default();
+    buckets.gather(&terms);
     sum_buckets(&mut buckets)?;
-    let mut acc = Jacobian::INFINITY;
-    for bucket in buckets.iter().rev() {
-        acc = acc.double();
-        if let Some(sum) = bucket.first() {
-            acc = acc.add_affine(sum);
-        }
-    }
-    Some(acc.is_infinity())
-}
-
-/// Moves every selected point of `terms` into its position's bucket.
-fn drain(terms: &mut Vec<Term<'_>>, buckets: &mut [Vec<Affine>]) {
-    for t in terms.drain(..) {
-        for (pos, &d) in t.digits().iter().enumerate() {
-            if d != 0 {
-                buckets[pos].push(t.point(d));
-            }
-        }
-    }
+    Some(buckets.horner().is_infinity())
 }
 
 /// The odd multiples `1, 3, ..., 2^(R_WINDOW-1) - 1` of each point, affine, `per` per point,
@@ -211,15 +192,20 @@ enum Pair {
 
 /// Sums each bucket to at most one point, layer by layer, one inversion per layer. `None`
 /// never happens for points of the curve (a zero denominator is ruled out before inverting).
-fn sum_buckets(buckets: &mut [Vec<Affine>]) -> Option<()> {
+fn sum_buckets(buckets: &mut Buckets) -> Option<()> {
     let mut denominators: Vec<Fe> = Vec::new();
     let mut kinds: Vec<Pair> = Vec::new();
     let mut scratch = Vec::new();
+    let Buckets {
+        points,
+        starts,
+        lens,
+    } = buckets;
     loop {
         denominators.clear();
         kinds.clear();
-        for bucket in buckets.iter() {
-            for pair in bucket.chunks_exact(2) {
+        for (start, len) in starts.iter().zip(lens.iter()) {
+            for pair in points[*start..start + len].chunks_exact(2) {
                 let (p, q) = (&pair[0], &pair[1]);
                 let dx = q.x + &p.x.negate(1);
                 if !bool::from(dx.normalizes_to_zero()) {
@@ -241,13 +227,13 @@ fn sum_buckets(buckets: &mut [Vec<Affine>]) -> Option<()> {
         }
         let mut kind = kinds.iter();
         let mut inverse = denominators.iter();
-        for bucket in buckets.iter_mut() {
-            let len = bucket.len();
-            if len < 2 {
+        for (start, len) in starts.iter().zip(lens.iter_mut()) {
+            if *len < 2 {
                 continue;
             }
+            let bucket = &mut points[*start..*start + *len];
             let mut out = 0;
-            for k in (0..len - 1).step_by(2) {
+            for k in (0..bucket.len() - 1).step_by(2) {
                 let (p, q) = (bucket[k], bucket[k + 1]);
                 let sum = match kind.next()? {
                     Pair::Add => {
@@ -263,11 +249,11 @@ fn sum_buckets(buckets: &mut [Vec<Affine>]) -> Option<()> {
                 bucket[out] = sum;
                 out += 1;
             }
-            if len % 2 == 1 {
-                bucket[out] = bucket[len - 1];
+            if bucket.len() % 2 == 1 {
+                bucket[out] = bucket[bucket.len() - 1];
                 out += 1;
             }
-            bucket.truncate(out);
+            *len = out;
         }
     }
 }

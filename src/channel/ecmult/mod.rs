@@ -58,7 +58,7 @@ const G_SPACING: u32 = 32;
 /// NAF width on the generator: 2^(w-2) odd multiples per piece. 8 gives 64 per piece, 8 pieces
 /// of 80-byte points: 40 KiB shared by every check, small enough to stay in the core's cache
 /// beside the payers' tables.
-const G_WINDOW: u32 = 8;
+const G_WINDOW: u32 = 10;
 
 /// Pieces of a payer's table: four 32-bit pieces of each 128-bit GLV half.
 pub(crate) const KEY_PIECES: usize = 4;

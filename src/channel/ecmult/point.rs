@@ -3,8 +3,8 @@
 //! the special cases (the identity, doubling inside an addition) instead of masking them.
 //!
 //! Magnitudes: k256's lazily reduced field elements carry a magnitude that multiplications
-//! need at most 8 (debug builds check it). Every coordinate stored here has magnitude 1, except
-//! a negated affine `y` (2), which only ever feeds a multiplication.
+//! need at most 8 (debug builds check it). Affine coordinates have magnitude 1; Jacobian ones
+//! the bounds documented on [`Jacobian`].
 
 use std::sync::LazyLock;
 
@@ -79,6 +79,12 @@ pub(crate) struct Affine {
 }
 
 impl Affine {
+    /// A value that is not a point, to fill buffers before they are written.
+    pub(crate) const PLACEHOLDER: Self = Self {
+        x: Fe::ZERO,
+        y: Fe::ZERO,
+    };
+
     /// The generator.
     pub(crate) fn generator() -> Self {
         Self::from_k256(&k256::AffinePoint::GENERATOR).expect("not the identity")
@@ -142,7 +148,8 @@ impl Affine {
     }
 }
 
-/// A point in Jacobian coordinates, or the identity.
+/// A point in Jacobian coordinates, or the identity. Magnitudes: `x` at most 6, `y` at most 4,
+/// `z` 1 (a mixed addition leaves its sums unreduced; everything else reduces to 1).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Jacobian {
     x: Fe,
@@ -204,8 +211,9 @@ impl Jacobian {
         let z1z1 = self.z.square();
         let u2 = a.x * &z1z1;
         let s2 = a.y * &(self.z * &z1z1);
-        let h = u2 + &self.x.negate(1);
-        let r = s2 + &self.y.negate(1);
+        // Magnitudes: h 8, r 6 (at most 8 for the products).
+        let h = u2 + &self.x.negate(6);
+        let r = s2 + &self.y.negate(4);
         if bool::from(h.normalizes_to_zero()) {
             return if bool::from(r.normalizes_to_zero()) {
                 self.double()
@@ -216,8 +224,9 @@ impl Jacobian {
         let hh = h.square();
         let hhh = h * &hh;
         let v = self.x * &hh;
-        let x3 = (r.square() + &hhh.negate(1) + &v.double().negate(2)).normalize_weak();
-        let y3 = (r * &(v + &x3.negate(1)) + &(self.y * &hhh).negate(1)).normalize_weak();
+        // Left unreduced: x3 has magnitude 6, y3 3 (the invariant allows 6 and 4).
+        let x3 = r.square() + &hhh.negate(1) + &v.double().negate(2);
+        let y3 = r * &(v + &x3.negate(6)) + &(self.y * &hhh).negate(1);
         let z3 = self.z * &h;
         Self {
             x: x3,

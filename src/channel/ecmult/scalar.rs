@@ -139,38 +139,53 @@ pub(crate) fn glv_split(k: &Scalar) -> Option<[Signed128; 2]> {
     Some([signed_small(&k1)?, signed_small(&k2)?])
 }
 
-/// Width-`w` NAF of `value` (below 2^`bits`, `bits <= 128`): `value = Σ out[i]·2^i`, every
-/// non-zero digit odd with `|digit| < 2^(w-1)`, followed by at least `w - 1` zeros. Writes
-/// `out[..=bits]` (a carry can reach position `bits`, never beyond) and returns the number of
-/// positions used (the highest non-zero digit's position plus one, 0 for zero).
-pub(crate) fn wnaf(value: u128, bits: u32, w: u32, out: &mut [i8]) -> usize {
-    debug_assert!((2..=8).contains(&w) && bits <= 128);
+/// Width-`w` NAF of `value` (below 2^`bits`, `bits <= 128`): `value = Σ d·2^pos` over the
+/// `(pos, d)` given to `emit`, lowest first, every `d` odd with `|d| < 2^(w-1)`, each followed
+/// by at least `w - 1` zero positions. Positions stop at `bits` (a carry can reach it, never
+/// beyond).
+pub(crate) fn wnaf_sparse(value: u128, bits: u32, w: u32, mut emit: impl FnMut(u32, i16)) {
+    debug_assert!((2..=15).contains(&w) && bits <= 128);
     debug_assert!(bits == 128 || value >> bits == 0);
-    debug_assert!(out.len() > bits as usize);
-    out[..=bits as usize].fill(0);
     let mask = (1u128 << w) - 1;
     let mut carry = 0u32;
     let mut bit = 0u32;
-    let mut used = 0;
     while bit < bits {
-        if ((value >> bit) & 1) as u32 == carry {
-            bit += 1;
+        // Skip the run of bits equal to the carry (zeros, or ones under a carry) at once.
+        let rest = value >> bit;
+        let run = if carry == 0 {
+            rest.trailing_zeros()
+        } else {
+            rest.trailing_ones()
+        };
+        if run > 0 {
+            bit = (bit + run).min(bits);
             continue;
         }
         // carry + (value >> bit) is odd: take a signed digit off its low w bits.
         let word = ((value >> bit) & mask) as i32 + carry as i32;
         carry = ((word >> (w - 1)) & 1) as u32;
-        out[bit as usize] = (word - ((carry as i32) << w)) as i8;
-        used = bit as usize + 1;
+        emit(bit, (word - ((carry as i32) << w)) as i16);
         bit += w;
     }
     if carry != 0 {
         // Only when the last window ended exactly at `bits` or before it.
         debug_assert!(bit <= bits);
-        out[bit as usize] = 1;
-        used = bit as usize + 1;
+        emit(bit, 1);
     }
-    used
+}
+
+/// [`wnaf_sparse`] into `out[..=bits]`; returns the positions used (the highest non-zero
+/// digit's position plus one, 0 for zero) and the number of non-zero digits.
+#[cfg(test)]
+pub(crate) fn wnaf(value: u128, bits: u32, w: u32, out: &mut [i16]) -> (usize, usize) {
+    out[..=bits as usize].fill(0);
+    let (mut used, mut nonzero) = (0, 0);
+    wnaf_sparse(value, bits, w, |pos, d| {
+        out[pos as usize] = d;
+        used = pos as usize + 1;
+        nonzero += 1;
+    });
+    (used, nonzero)
 }
 
 #[cfg(test)]
@@ -182,7 +197,7 @@ mod tests {
         if neg { -s } else { s }
     }
 
-    fn wnaf_value(digits: &[i8]) -> Scalar {
+    fn wnaf_value(digits: &[i16]) -> Scalar {
         let mut power = Scalar::ONE;
         let mut sum = Scalar::ZERO;
         for &d in digits {
@@ -227,7 +242,7 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for w in 2..=8 {
+        for w in 2..=12 {
             for bits in [8u32, 32, 64, 127, 128] {
                 for case in 0..500 {
                     let raw = (u128::from(next()) << 64) | u128::from(next());
@@ -243,9 +258,10 @@ mod tests {
                             2 => 1u128 << (bits - 1),
                             _ => raw,
                         };
-                    let mut out = [0i8; 129];
-                    let used = wnaf(value, bits, w, &mut out);
+                    let mut out = [0i16; 129];
+                    let (used, nonzero) = wnaf(value, bits, w, &mut out);
                     assert!(used <= bits as usize + 1);
+                    assert_eq!(nonzero, out.iter().filter(|&&d| d != 0).count());
                     assert_eq!(wnaf_value(&out[..used]), Scalar::from(value));
                     let mut last = None;
                     for (i, &d) in out.iter().enumerate() {
