@@ -79,10 +79,10 @@ impl Rng {
 
     fn scalar(&mut self) -> Scalar {
         loop {
-            if let Some(s) = Option::<Scalar>::from(Scalar::from_repr(self.bytes32().into())) {
-                if !bool::from(s.is_zero()) {
-                    return s;
-                }
+            if let Some(s) = Option::<Scalar>::from(Scalar::from_repr(self.bytes32().into()))
+                && !bool::from(s.is_zero())
+            {
+                return s;
             }
         }
     }
@@ -309,7 +309,7 @@ fn x_reduced(rng: &mut Rng) -> usize {
     let q = (ProjectivePoint::from(point) * s_scalar - ProjectivePoint::mul_by_generator(&z))
         * r_scalar.invert().unwrap();
     let payer = Payer::new(q.to_affine());
-    let y_odd = bool::from(point.to_encoded_point(false).y().unwrap()[31] & 1 == 1);
+    let y_odd = point.to_encoded_point(false).y().unwrap()[31] & 1 == 1;
     let sig = Signature::new(
         r,
         U256::from_be_bytes::<32>(s_scalar.to_bytes().into()),
@@ -372,7 +372,7 @@ fn batches(rng: &mut Rng, size: usize) -> usize {
             (sk, payer)
         })
         .collect();
-    let keys = PayerKeys::new(NonZeroUsize::new(64).unwrap());
+    let keys = PayerKeys::new(NonZeroUsize::new(4096).unwrap());
     let items: Vec<(Address, B256, Signature)> = (0..size)
         .map(|i| {
             let (sk, payer) = &payers[i % payers.len()];

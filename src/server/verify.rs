@@ -377,3 +377,169 @@ impl Pool {
         let _ = job.reply.send(result);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{ChannelState, signature};
+    use alloy::primitives::B256;
+    use k256::ecdsa::SigningKey;
+
+    fn domain() -> ChannelDomain {
+        ChannelDomain::new(31337, Address::repeat_byte(0xcc))
+    }
+
+    fn key(i: u8) -> SigningKey {
+        SigningKey::from_slice(&[i.max(1); 32]).unwrap()
+    }
+
+    fn voucher(signer: &SigningKey, nonce: u64) -> (Address, SignedState) {
+        let state = ChannelState {
+            channelId: B256::repeat_byte(7),
+            nonce,
+            cumulative: u128::from(nonce),
+        };
+        let signature = signature::sign_digest(signer, &domain().state_digest(&state));
+        (
+            signature::address_of(signer.verifying_key()),
+            SignedState { state, signature },
+        )
+    }
+
+    fn config(threads: usize) -> VerifierConfig {
+        VerifierConfig {
+            threads,
+            ..VerifierConfig::default()
+        }
+    }
+
+    /// A verifier whose cache knows the payers' keys and tables (two checks each).
+    async fn warm(verifier: &Verifier, signers: &[SigningKey]) {
+        for signer in signers {
+            let (payer, v) = voucher(signer, 1);
+            for _ in 0..2 {
+                verifier.verify(domain(), payer, v.clone()).await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_voucher_is_checked_at_once() {
+        let verifier = Verifier::with_config(PayerKeys::default(), config(2));
+        let (payer, v) = voucher(&key(1), 3);
+        let checked = verifier.verify(domain(), payer, v.clone()).await.unwrap();
+        assert_eq!(checked.signed(), &v);
+        assert_eq!(verifier.stats().batches, 0);
+        // Another payer's signature is refused.
+        let (other, _) = voucher(&key(2), 3);
+        assert!(matches!(
+            verifier.verify(domain(), other, v).await,
+            Err(ChannelError::InvalidSignature(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vouchers_waiting_together_are_checked_as_one_batch() {
+        let verifier = Verifier::with_config(PayerKeys::default(), config(1));
+        let signers: Vec<SigningKey> = (1..=8).map(key).collect();
+        warm(&verifier, &signers).await;
+        assert!(signers.iter().all(|s| {
+            verifier
+                .keys()
+                .has_table(&signature::address_of(s.verifying_key()))
+        }));
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let verifier = verifier.clone();
+                let (payer, v) = voucher(&signers[i as usize % 8], 10 + i);
+                tokio::spawn(async move { verifier.verify(domain(), payer, v).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let stats = verifier.stats();
+        assert!(stats.batches >= 1 && stats.batched >= 2, "{stats:?}");
+        assert_eq!(stats.fallbacks, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_that_sent_a_bad_signature_is_checked_alone() {
+        let verifier = Verifier::with_config(PayerKeys::default(), config(1));
+        let signers: Vec<SigningKey> = (1..=4).map(key).collect();
+        warm(&verifier, &signers).await;
+        let attacker_payer = signature::address_of(signers[0].verifying_key());
+        // The attacker's task: one forged voucher (signed by someone else), then good ones.
+        let attacker = {
+            let verifier = verifier.clone();
+            let signers = signers.clone();
+            tokio::spawn(async move {
+                let (_, forged) = voucher(&signers[1], 100);
+                let bad = verifier.verify(domain(), attacker_payer, forged).await;
+                let mut later = Vec::new();
+                for nonce in 101..111 {
+                    let (payer, v) = voucher(&signers[0], nonce);
+                    later.push(verifier.verify(domain(), payer, v).await);
+                }
+                (bad, later)
+            })
+        };
+        let honest: Vec<_> = (0..40u64)
+            .map(|i| {
+                let verifier = verifier.clone();
+                let (payer, v) = voucher(&signers[1 + i as usize % 3], 200 + i);
+                tokio::spawn(async move { verifier.verify(domain(), payer, v).await })
+            })
+            .collect();
+        let (bad, later) = attacker.await.unwrap();
+        assert!(matches!(bad, Err(ChannelError::InvalidSignature(_))));
+        // Its good vouchers still pass, checked alone.
+        assert!(later.iter().all(Result::is_ok));
+        for task in honest {
+            task.await.unwrap().unwrap();
+        }
+        let stats = verifier.stats();
+        assert_eq!(stats.suspect_checks, 10, "{stats:?}");
+        assert!(stats.fallbacks <= 1, "{stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_makes_callers_wait_not_fail() {
+        let verifier = Verifier::with_config(
+            PayerKeys::default(),
+            VerifierConfig {
+                queue: 1,
+                ..config(1)
+            },
+        );
+        let tasks: Vec<_> = (0..16u64)
+            .map(|i| {
+                let verifier = verifier.clone();
+                let (payer, v) = voucher(&key(1 + (i % 4) as u8), 1 + i);
+                tokio::spawn(async move { verifier.verify(domain(), payer, v).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(verifier.stats().checked, 16);
+    }
+
+    #[test]
+    fn the_batch_limit_follows_the_latency_bound() {
+        let verifier = Verifier::with_config(PayerKeys::default(), config(1));
+        let pool = &verifier.handle.pool;
+        pool.batched_ns.store(25_000, Ordering::Relaxed);
+        assert_eq!(pool.batch_limit(), 31);
+        pool.batched_ns.store(1_000, Ordering::Relaxed);
+        assert_eq!(pool.batch_limit(), DEFAULT_VERIFY_MAX_BATCH);
+        let never = Verifier::with_config(
+            PayerKeys::default(),
+            VerifierConfig {
+                max_added_latency_us: 0,
+                ..config(1)
+            },
+        );
+        assert_eq!(never.handle.pool.batch_limit(), 1);
+    }
+}
