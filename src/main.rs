@@ -32,6 +32,10 @@ enum Command {
     Pay(Box<cmd::pay::PayArgs>),
     /// Everything in one process on embedded defaults: a paid stream, its cost, its settlement.
     Demo,
+    /// Measure this machine: `bench signatures` answers how many voucher signatures per second
+    /// the engine verifies.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 /// The tokio runtime for the commands that do I/O.
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
+        Command::Bench(command) => cmd::bench::run(command).map(|()| ExitCode::SUCCESS),
         Command::Pay(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::pay::run(*args)))
             .map(|()| ExitCode::SUCCESS),
