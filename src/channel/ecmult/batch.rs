@@ -24,6 +24,7 @@
 use k256::FieldElement as Fe;
 use k256::Scalar;
 
+use super::count::count;
 use super::point::{Affine, fe_batch_invert};
 use super::scalar::{self, GLV};
 use super::single::{Buckets, Recoding, generator_terms, key_terms};
@@ -174,6 +175,7 @@ fn odd_multiples(points: &[Affine]) -> Option<Vec<Affine>> {
 /// `y3 = l·(x_P - x3) - y_P`.
 #[inline]
 fn affine_from_slope(l: &Fe, p: &Affine, other_x: &Fe) -> Affine {
+    count!(affine_adds);
     let x3 = (l.square() + &p.x.negate(1) + &other_x.negate(1)).normalize_weak();
     let y3 = (*l * &(p.x + &x3.negate(1)) + &p.y.negate(2)).normalize_weak();
     Affine { x: x3, y: y3 }

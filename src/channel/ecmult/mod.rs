@@ -36,6 +36,7 @@
 #![allow(clippy::op_ref, clippy::assign_op_pattern)]
 
 mod batch;
+mod count;
 mod modinv;
 mod point;
 mod scalar;

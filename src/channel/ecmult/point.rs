@@ -11,6 +11,7 @@ use std::sync::LazyLock;
 use k256::FieldElement as Fe;
 use k256::elliptic_curve::sec1::ToEncodedPoint;
 
+use super::count::count;
 use super::modinv;
 
 /// The curve constant `b = 7`.
@@ -39,6 +40,7 @@ fn fe_limbs(a: &Fe) -> [u64; 4] {
 
 /// `a⁻¹`, variable time; `None` for zero.
 pub(crate) fn fe_invert(a: &Fe) -> Option<Fe> {
+    count!(field_inversions);
     match modinv::invert(&fe_limbs(a), &modinv::FIELD) {
         Some(limbs) => {
             let mut bytes = [0u8; 32];
@@ -102,6 +104,7 @@ impl Affine {
 
     /// The point with `x` whose `y` has the given parity, if `x³ + 7` is a square.
     pub(crate) fn lift(x: &Fe, y_odd: bool) -> Option<Self> {
+        count!(sqrts);
         let x = x.normalize();
         let y2 = x.square() * &x + &B;
         let y: Fe = Option::from(y2.sqrt())?;
@@ -124,6 +127,7 @@ impl Affine {
 
     /// `λ·P = (β·x, y)`.
     pub(crate) fn endo(&self) -> Self {
+        count!(endo_muls);
         Self {
             x: self.x * &*BETA,
             y: self.y,
@@ -187,6 +191,7 @@ impl Jacobian {
         if self.infinity {
             return *self;
         }
+        count!(doublings);
         let yy = self.y.square();
         let s = (self.x * &yy).mul_single(4); // S = 4·X·Y², magnitude 4
         let m = self.x.square().mul_single(3); // M = 3·X², magnitude 3
@@ -208,6 +213,7 @@ impl Jacobian {
         if self.infinity {
             return Self::from_affine(a);
         }
+        count!(mixed_adds);
         let z1z1 = self.z.square();
         let u2 = a.x * &z1z1;
         let s2 = a.y * &(self.z * &z1z1);

@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 use k256::Scalar;
 use k256::elliptic_curve::PrimeField;
 
+use super::count::count;
 use super::modinv;
 
 /// Little-endian 64-bit limbs of a scalar.
@@ -27,6 +28,7 @@ fn from_limbs(limbs: &[u64; 4]) -> Option<Scalar> {
 
 /// `s⁻¹ mod n`, variable time; `None` for zero.
 pub(crate) fn invert(s: &Scalar) -> Option<Scalar> {
+    count!(scalar_inversions);
     match modinv::invert(&to_limbs(s), &modinv::ORDER) {
         Some(limbs) => from_limbs(&limbs),
         // Zero, or (never seen) the divsteps bound: the constant-time inversion decides.

@@ -4,6 +4,7 @@
 
 use k256::Scalar;
 
+use super::count::count;
 use super::point::{Affine, Jacobian};
 use super::scalar::{self, Signed128};
 use super::table::SplitTable;
@@ -76,6 +77,7 @@ impl<'a> Recoding<'a> {
     /// The point a digit selects.
     #[inline]
     fn point(&self, digit: &Digit) -> Affine {
+        count!(points_read);
         let source = &self.sources[usize::from(digit.source)];
         let p = source.points[usize::from(digit.d.unsigned_abs() >> 1)];
         let p = if source.endo { p.endo() } else { p };

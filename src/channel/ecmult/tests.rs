@@ -282,3 +282,60 @@ fn table_sizes() {
     assert_eq!(c.table.bytes(), 64 * std::mem::size_of::<Affine>());
     assert!(KeyTable::size_bytes() >= c.table.bytes());
 }
+
+/// Point operations per signature on each path, averaged over random signatures (the figures
+/// of docs/BENCHMARKS.md): `cargo test --lib operation_counts -- --nocapture`.
+#[test]
+fn operation_counts() {
+    use super::count::{Counts, take};
+    let cases: Vec<Case> = (0..64).map(|_| signed_case()).collect();
+    let per = |c: Counts, n: u64| {
+        let f = |v: u64| v as f64 / n as f64;
+        // Field multiplications and squarings, inversions and square roots apart.
+        let mults =
+            11.0 * f(c.mixed_adds) + 7.0 * f(c.doublings) + 9.0 * f(c.affine_adds) + f(c.endo_muls);
+        format!(
+            "doublings {:.1}, mixed additions {:.1}, affine additions {:.1}, β-multiplications {:.1}, \
+             field inversions {:.2}, scalar inversions {:.2}, square roots {:.2}, table points read {:.1}; \
+             ≈ {mults:.0} field multiplications and squarings besides the inversions and roots",
+            f(c.doublings),
+            f(c.mixed_adds),
+            f(c.affine_adds),
+            f(c.endo_muls),
+            f(c.field_inversions),
+            f(c.scalar_inversions),
+            f(c.sqrts),
+            f(c.points_read),
+        )
+    };
+    let _ = generator_table();
+    take();
+    for c in &cases {
+        assert!(verify_with_table(&c.table, &c.z, &c.r, &c.s, c.v));
+    }
+    let warm = take();
+    eprintln!("single, payer table: {}", per(warm, 64));
+    assert!(warm.doublings <= 64 * 33);
+    for c in &cases {
+        assert!(verify(&c.key, &c.z, &c.r, &c.s, c.v));
+    }
+    eprintln!("single, key alone:   {}", per(take(), 64));
+    for size in [8usize, 32, 64] {
+        let items: Vec<BatchItem<'_>> = cases[..size]
+            .iter()
+            .map(|c| BatchItem {
+                table: &c.table,
+                z: c.z,
+                r: c.r,
+                s: c.s,
+                y_odd: c.v,
+            })
+            .collect();
+        let random: Vec<u128> = (0..size as u128)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834))
+            .collect();
+        take();
+        assert!(verify_batch(&items, &random));
+        eprintln!("batch of {size:>3}:        {}", per(take(), size as u64));
+    }
+}
