@@ -185,6 +185,8 @@ pub fn verify_with_table(
     s: &Scalar,
     y_odd: bool,
 ) -> bool {
+    // The table's points load while the scalars are inverted and recoded.
+    table.table.prefetch();
     single::verify(&table.key.point, Some(&table.table), z, r, s, y_odd)
         .unwrap_or_else(|| constant_time(&table.key.k256, z, r, s, y_odd))
 }
