@@ -261,6 +261,29 @@ fn one_core(c: &mut Criterion<ThreadTime>) {
     }
     group.finish();
 
+    // What the operation counts of docs/BENCHMARKS.md cost: k256's field arithmetic.
+    let mut group = c.benchmark_group("field_k256");
+    group.throughput(Throughput::Elements(1));
+    let a = k256::FieldElement::from_u64(0x1234_5678_9abc_def1)
+        .invert()
+        .unwrap();
+    let b = a.square().normalize();
+    // By reference, as the verifier multiplies (k256 inlines that form).
+    #[allow(clippy::op_ref)]
+    group.bench_function("mul", |bench| {
+        bench.iter(|| black_box(black_box(a) * &black_box(b)))
+    });
+    group.bench_function("square", |bench| {
+        bench.iter(|| black_box(black_box(a).square()))
+    });
+    group.bench_function("sqrt", |bench| {
+        bench.iter(|| black_box(black_box(b).sqrt().unwrap()))
+    });
+    group.bench_function("invert_constant_time", |bench| {
+        bench.iter(|| black_box(black_box(a).invert().unwrap()))
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("key_table");
     group.throughput(Throughput::Elements(1));
     let keys: Vec<Key> = vs.iter().map(|v| Key::new(&v.key).unwrap()).collect();
