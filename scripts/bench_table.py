@@ -9,6 +9,7 @@ PER_THREAD_COUNT compare each row with the reference on one thread, and get one 
 the row against the same function on one thread (all cores against one core).
 """
 import json
+import re
 import pathlib
 import sys
 
@@ -74,7 +75,8 @@ def main():
         per_thread = group in PER_THREAD_COUNT
 
         def one_thread(name):
-            return name.rsplit("/", 1)[0] + "/1_threads"
+            # criterion writes the parameter "<set>/<N>_threads" as "<set>_<N>_threads".
+            return re.sub(r"_\d+_threads$", "_1_threads", name)
 
         def ref_for(name):
             if not reference:
