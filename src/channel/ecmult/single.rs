@@ -74,6 +74,16 @@ impl<'a> Recoding<'a> {
         });
     }
 
+    /// Prefetches the points the digits from the `from`-th on select (the generator's table is
+    /// too big to stay in the core's cache beside thousands of payers' tables).
+    pub(super) fn prefetch_from(&self, from: usize) {
+        for digit in &self.digits[from..] {
+            let source = &self.sources[usize::from(digit.source)];
+            let i = usize::from(digit.d.unsigned_abs() >> 1);
+            super::table::prefetch(&source.points[i..=i]);
+        }
+    }
+
     /// The point a digit selects.
     #[inline]
     fn point(&self, digit: &Digit) -> Affine {
@@ -204,11 +214,13 @@ pub(super) fn verify(
         return Some(false);
     };
     let u1 = *z * w;
-    let u2 = *r * w;
-    let split = scalar::glv_split(&u2)?;
     let cold;
     let mut recoding = Recoding::with_capacity(G_PIECES + 2 * KEY_PIECES, 96);
     generator_terms(&u1, &mut recoding);
+    // The generator's points load while u2 is split and recoded.
+    recoding.prefetch_from(0);
+    let u2 = *r * w;
+    let split = scalar::glv_split(&u2)?;
     match table {
         Some(table) => key_terms(&split, table, &mut recoding),
         None => {

@@ -9,6 +9,26 @@
 
 use super::point::{Affine, Jacobian, batch_to_affine};
 
+/// Asks the CPU to bring `points` into its cache (a hint; a no-op off x86_64).
+#[inline]
+pub(crate) fn prefetch(points: &[Affine]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = points.as_ptr().cast::<u8>();
+        let len = std::mem::size_of_val(points);
+        // Every cache line the points touch, the last one included.
+        for offset in (0..len).step_by(64).chain(len.checked_sub(1)) {
+            // SAFETY: a prefetch is a hint that never faults and changes no memory (the
+            // address is inside `points` anyway); its only requirement, SSE, is part of the
+            // x86_64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset).cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = points;
+}
+
 /// Odd multiples of the pieces of a base point.
 #[derive(Clone)]
 pub(crate) struct SplitTable {
@@ -71,17 +91,7 @@ impl SplitTable {
     /// some 60 times on memory.
     #[inline]
     pub(crate) fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let start = self.points.as_ptr().cast::<u8>();
-            for offset in (0..self.bytes()).step_by(64) {
-                // SAFETY: a prefetch is a hint that never faults and changes no memory (the
-                // address is inside the table anyway); its only requirement, SSE, is part of
-                // the x86_64 baseline.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset).cast()) };
-            }
-        }
+        prefetch(&self.points);
     }
 
     /// Bytes held by the points.
