@@ -1,6 +1,8 @@
 """Prints criterion results as a table with ratios to a reference measured in the same run.
 
-Reads <criterion dir>/<group>/<function>/new/estimates.json (the mean, in nanoseconds).
+Reads <criterion dir>/<group>/<function>/new/estimates.json: the median of the samples' times
+per iteration, in nanoseconds (the median rather than the mean: on a shared machine a few
+samples land on another process's burst, and the median is what the code costs).
 
 A reference is a function of the group, or "group:function" in another group of the same
 target. A row named "<function>/<parameter>" is compared with "<reference>/<parameter>" when
@@ -36,9 +38,9 @@ TABLES = {
 }
 
 
-def mean_ns(path):
+def median_ns(path):
     data = json.loads(path.read_text())
-    return data["mean"]["point_estimate"]
+    return data["median"]["point_estimate"]
 
 
 # Groups whose rows "<function>/<set>/<N>_threads" get a column against the same row with
@@ -56,7 +58,7 @@ def read_group(root, group):
         name = str(est.parent.parent.relative_to(gdir))
         bench = json.loads((est.parent / "benchmark.json").read_text())
         elements = (bench.get("throughput") or {}).get("Elements", 1)
-        ns = mean_ns(est)
+        ns = median_ns(est)
         rows[name] = (ns / elements, 1e9 * elements / ns)
     return rows
 
