@@ -241,9 +241,18 @@ fn one_core(c: &mut Criterion<ThreadTime>) {
     });
     group.finish();
 
+    // The reference again, measured just before the batches it is compared with (the machine's
+    // speed drifts over the minutes of a run).
     let mut group = c.benchmark_group("channel_state_verify_batch");
     for set in sets {
         let (vs, n) = (&set.vouchers, set.vouchers.len());
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new("libsecp256k1_verify", set.name), |b| {
+            b.iter(|| {
+                i = (i + 1) % n;
+                black_box(check_secp_verify(&domain, black_box(&vs[i])))
+            })
+        });
         for size in [8usize, 32, 128] {
             group.throughput(Throughput::Elements(size as u64));
             let mut start = 0;
@@ -322,39 +331,48 @@ fn all_cores(c: &mut Criterion) {
     for set in sets {
         let vs = &set.vouchers;
         let n = vs.len();
-        for &threads in &counts {
-            group.throughput(Throughput::Elements((PER_THREAD * threads) as u64));
-            let id = |function: &str| {
-                BenchmarkId::new(function, format!("{}/{threads}_threads", set.name))
-            };
-            // Thread t cycles through every voucher from its own offset.
-            let run = |f: &(dyn Fn(usize) -> bool + Sync)| {
-                std::thread::scope(|scope| {
-                    for t in 0..threads {
-                        scope.spawn(move || f(t * n / threads));
-                    }
-                })
-            };
-            let cycle = |offset: usize, f: &dyn Fn(&Voucher) -> bool| {
-                (0..PER_THREAD).all(|k| f(&vs[(offset + k) % n]))
-            };
-            group.bench_function(id("libsecp256k1_verify"), |b| {
-                b.iter(|| run(&|offset| cycle(offset, &|v| check_secp_verify(&domain, v))))
-            });
-            group.bench_function(id("single_warm_key"), |b| {
-                b.iter(|| run(&|offset| cycle(offset, &|v| check_cached(&set.warm, &domain, v))))
-            });
-            group.bench_function(id("single_cold_key"), |b| {
-                b.iter(|| run(&|offset| cycle(offset, &|v| check_cached(&set.cold, &domain, v))))
-            });
-            for size in [8usize, 32, 128] {
-                group.bench_function(id(&format!("batch_{size}")), |b| {
+        // Each function on one thread, then on every core, one after the other: the pair is
+        // measured under the same conditions.
+        let cycle = |offset: usize, f: &dyn Fn(&Voucher) -> bool| {
+            (0..PER_THREAD).all(|k| f(&vs[(offset + k) % n]))
+        };
+        type Job<'a> = Box<dyn Fn(usize) -> bool + Sync + 'a>;
+        let mut jobs: Vec<(String, Job<'_>)> = vec![
+            (
+                "libsecp256k1_verify".into(),
+                Box::new(|offset| cycle(offset, &|v| check_secp_verify(&domain, v))),
+            ),
+            (
+                "single_warm_key".into(),
+                Box::new(|offset| cycle(offset, &|v| check_cached(&set.warm, &domain, v))),
+            ),
+            (
+                "single_cold_key".into(),
+                Box::new(|offset| cycle(offset, &|v| check_cached(&set.cold, &domain, v))),
+            ),
+        ];
+        for size in [8usize, 32, 128] {
+            jobs.push((
+                format!("batch_{size}"),
+                Box::new(move |offset| {
+                    (0..PER_THREAD / size).all(|k| {
+                        let start = (offset + k * size) % (n - size + 1);
+                        check_batch(&set.warm, &domain, &vs[start..start + size])
+                    })
+                }),
+            ));
+        }
+        for (name, job) in &jobs {
+            for &threads in &counts {
+                group.throughput(Throughput::Elements((PER_THREAD * threads) as u64));
+                let id = BenchmarkId::new(name, format!("{}/{threads}_threads", set.name));
+                // Thread t starts from its own offset in the vouchers.
+                group.bench_function(id, |b| {
                     b.iter(|| {
-                        run(&|offset| {
-                            (0..PER_THREAD / size).all(|k| {
-                                let start = (offset + k * size) % (n - size + 1);
-                                check_batch(&set.warm, &domain, &vs[start..start + size])
-                            })
+                        std::thread::scope(|scope| {
+                            for t in 0..threads {
+                                scope.spawn(move || job(t * n / threads));
+                            }
                         })
                     })
                 });

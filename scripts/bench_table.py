@@ -19,7 +19,7 @@ import sys
 TABLES = {
     "signatures": [
         ("channel_state_verify", "libsecp256k1_verify"),
-        ("channel_state_verify_batch", "channel_state_verify:libsecp256k1_verify"),
+        ("channel_state_verify_batch", "libsecp256k1_verify"),
         ("channel_state_verify_all_cores", "libsecp256k1_verify"),
         ("key_table", None),
         ("field_k256", None),
