@@ -45,6 +45,10 @@ enum Command {
     /// Load a server on this machine with N concurrent paid sessions for a bounded time; prints
     /// setups/s, messages and vouchers/s, voucher round trips, errors and server memory as JSON.
     Load(Box<cmd::load::LoadArgs>),
+    /// Measure this machine: `bench signatures` answers how many voucher signatures per second
+    /// the engine verifies.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 /// The tokio runtime for the commands that do I/O.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::State(command) => cmd::state::run(command),
+        Command::Bench(command) => cmd::bench::run(command).map(|()| ExitCode::SUCCESS),
         Command::Pay(args) => runtime()
             .and_then(|rt| rt.block_on(cmd::pay::run(*args)))
             .map(|()| ExitCode::SUCCESS),

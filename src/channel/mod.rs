@@ -5,6 +5,7 @@
 //! voucher is accepted or refused by [`OpenChannel::accept`] with a [`ChannelError`] that names
 //! the protocol code.
 
+pub mod ecmult;
 mod error;
 mod rules;
 pub mod signature;

@@ -3,7 +3,7 @@
 use alloy::primitives::{Address, B256, Signature};
 
 use super::error::ChannelError;
-use super::signature::{PayerKeys, SignatureError};
+use super::signature::{PayerKeys, SignatureCheck, SignatureError};
 use super::state::{ChannelDomain, ChannelState};
 
 /// A channel state with the payer's signature over it: a voucher.
@@ -54,6 +54,44 @@ impl PayerKeys {
             payer,
             domain: *domain,
         })
+    }
+
+    /// [`PayerKeys::verify_state`] for many vouchers at once, with one batch equation for
+    /// those whose payer has a table ([`PayerKeys::verify_batch`]). Returns one result per
+    /// voucher, in order, and whether the batch equation failed (each voucher was then checked
+    /// alone, so the results still name the bad ones).
+    pub fn verify_states(
+        &self,
+        vouchers: &[(ChannelDomain, Address, SignedState)],
+    ) -> (Vec<Result<VerifiedState, ChannelError>>, bool) {
+        let digests: Vec<B256> = vouchers
+            .iter()
+            .map(|(domain, _, signed)| domain.state_digest(&signed.state))
+            .collect();
+        let checks: Vec<SignatureCheck<'_>> = vouchers
+            .iter()
+            .zip(&digests)
+            .map(|((_, payer, signed), digest)| SignatureCheck {
+                payer: *payer,
+                digest: *digest,
+                signature: &signed.signature,
+            })
+            .collect();
+        let outcome = self.verify_batch(&checks);
+        let results = outcome
+            .results
+            .into_iter()
+            .zip(vouchers)
+            .map(|(result, (domain, payer, signed))| {
+                result?;
+                Ok(VerifiedState {
+                    signed: signed.clone(),
+                    payer: *payer,
+                    domain: *domain,
+                })
+            })
+            .collect();
+        (results, outcome.fell_back)
     }
 }
 

@@ -10,7 +10,12 @@
 //!
 //! The payer is known once the channel is read, so [`PayerKeys::verify`] checks against the
 //! payer's public key, recovered once and cached, instead of recovering a key from every
-//! voucher: a verification skips the square root and the keccak that recovery needs.
+//! voucher: a verification skips the square root and the keccak that recovery needs. A payer
+//! seen again also gets a precomputed table of its key ([`ecmult::KeyTable`], 5 KiB), kept in
+//! the same cache within a byte budget, and vouchers that arrive together are checked as one
+//! batch ([`PayerKeys::verify_batch`]). The curve arithmetic of these checks is the
+//! variable-time code of [`ecmult`] (safe: nothing in a check is secret); signing stays on
+//! k256's constant-time code.
 
 use alloy::primitives::{Address, B256, Signature, U256};
 use k256::ecdsa::{SigningKey, VerifyingKey};
@@ -20,6 +25,9 @@ use k256::elliptic_curve::point::AffineCoordinates;
 use k256::{AffinePoint, ProjectivePoint, Scalar};
 use lru::LruCache;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use super::ecmult::{self, BatchItem, Key, KeyTable};
 
 /// Why a signature was refused. Every variant maps to the protocol code `invalid_signature`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,13 +144,40 @@ pub fn recover_key(digest: &B256, sig: &Signature) -> Result<VerifyingKey, Signa
         .map_err(|_| SignatureError::Unrecoverable)
 }
 
+/// The digest as a scalar (reduced modulo `n`, as ECDSA takes it).
+fn digest_scalar(digest: &B256) -> Scalar {
+    <Scalar as Reduce<k256::U256>>::reduce_bytes(&digest.0.into())
+}
+
 /// Checks `sig` over `digest` against a known public key, including the parity `v`, with the
-/// acceptance rules of the module docs. Returns `false` for any mismatch.
+/// acceptance rules of the module docs. Returns `false` for any mismatch. Variable-time (see
+/// [`ecmult`]); [`verify_with_key_constant_time`] is the same check on k256's constant-time
+/// arithmetic.
 pub fn verify_with_key(key: &AffinePoint, digest: &B256, sig: &Signature) -> bool {
     let Ok((r, s)) = check_scalars(sig) else {
         return false;
     };
-    let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&digest.0.into());
+    let Some(key) = Key::new(key) else {
+        return false;
+    };
+    ecmult::verify(&key, &digest_scalar(digest), &r, &s, sig.v())
+}
+
+/// [`verify_with_key`] with a payer's precomputed table.
+pub fn verify_with_table(table: &KeyTable, digest: &B256, sig: &Signature) -> bool {
+    let Ok((r, s)) = check_scalars(sig) else {
+        return false;
+    };
+    ecmult::verify_with_table(table, &digest_scalar(digest), &r, &s, sig.v())
+}
+
+/// The engine's check on k256's constant-time `lincomb` (what [`verify_with_key`] did before
+/// the variable-time code): the reference the tests and benches compare against.
+pub fn verify_with_key_constant_time(key: &AffinePoint, digest: &B256, sig: &Signature) -> bool {
+    let Ok((r, s)) = check_scalars(sig) else {
+        return false;
+    };
+    let z = digest_scalar(digest);
     // s is non-zero, so it is invertible.
     let w: Scalar = Option::from(s.invert()).unwrap_or(Scalar::ZERO);
     let point = ProjectivePoint::lincomb(
@@ -156,29 +191,74 @@ pub fn verify_with_key(key: &AffinePoint, digest: &B256, sig: &Signature) -> boo
     point.x()[..] == sig.r().to_be_bytes::<32>()[..] && bool::from(point.y_is_odd()) == sig.v()
 }
 
+/// One signature to check in a batch: who should have signed, what, and the signature.
+#[derive(Debug, Clone, Copy)]
+pub struct SignatureCheck<'a> {
+    /// The expected signer.
+    pub payer: Address,
+    /// The signed digest.
+    pub digest: B256,
+    /// The signature.
+    pub signature: &'a Signature,
+}
+
+/// What [`PayerKeys::verify_batch`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// One result per check, in order.
+    pub results: Vec<Result<(), SignatureError>>,
+    /// How many went into the batch equation (the others were checked alone: a payer seen for
+    /// the first time, one without a table yet, or a malformed signature).
+    pub batched: usize,
+    /// The batch equation failed and its signatures were checked one at a time.
+    pub fell_back: bool,
+}
+
 /// 65,536 payer keys take about 8 MiB and cover far more channels than one node serves at
 /// once; a miss costs one signature recovery, never an error.
 pub const DEFAULT_PAYER_KEY_CACHE_ENTRIES: usize = 65_536;
 
+/// 64 MiB of precomputed tables, about 12,000 payers at 5 KiB each (plus bookkeeping): a
+/// working set of 10,000 payers stays warm. A payer whose table was evicted is checked without
+/// one (as fast as libsecp256k1) and gets it built again; 0 turns tables off.
+pub const DEFAULT_PAYER_TABLE_CACHE_BYTES: usize = 64 << 20;
+
 /// Shards of the key cache: each has its own lock, held only to look a key up or put one in.
 const KEY_SHARDS: usize = 16;
 
-/// The payers' public keys, recovered once each and kept in an LRU cache keyed by payer.
+/// Bytes one cached table counts for: its points, the `KeyTable`, the `Arc` and the cache
+/// entry (address, links) around it.
+fn table_entry_bytes() -> usize {
+    KeyTable::size_bytes() + 2 * std::mem::size_of::<usize>() + 64
+}
+
+/// One shard: payers' keys, and the tables of payers seen again.
+struct Shard {
+    keys: LruCache<Address, Key>,
+    /// `None` when tables are turned off.
+    tables: Option<LruCache<Address, Arc<KeyTable>>>,
+}
+
+/// The payers' public keys, recovered once each and kept in an LRU cache keyed by payer, and
+/// the precomputed tables of payers seen more than once, in a second LRU bounded in bytes.
 ///
-/// This is the one function that decides whether a voucher's signature is the payer's;
-/// speeding it up (precomputed tables per key, batch checks) stays a change to this type.
+/// This is the one type that decides whether a voucher's signature is the payer's: a cached
+/// key with a table is checked on the table, a cached key without one the ordinary way (and
+/// the table is built once that check passes), an unknown payer by recovering its key.
 ///
 /// Shared by every connection: the cache is split in shards by payer, and a shard's lock is
-/// held only to copy a key out or put one in, never across the elliptic-curve work, so checks
-/// run in parallel on as many threads as the caller gives them.
+/// held only to copy a key (or a table's `Arc`) out or put one in, never across the
+/// elliptic-curve work, so checks run in parallel on as many threads as the caller gives them.
 pub struct PayerKeys {
-    shards: Box<[std::sync::Mutex<LruCache<Address, AffinePoint>>]>,
+    shards: Box<[std::sync::Mutex<Shard>]>,
+    table_bytes: usize,
 }
 
 impl std::fmt::Debug for PayerKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PayerKeys")
             .field("cached", &self.len())
+            .field("tables", &self.tables())
             .finish_non_exhaustive()
     }
 }
@@ -190,58 +270,201 @@ impl Default for PayerKeys {
 }
 
 impl PayerKeys {
-    /// An empty cache holding up to about `capacity` keys.
+    /// An empty cache holding up to about `capacity` keys, with the default table budget.
     pub fn new(capacity: NonZeroUsize) -> Self {
+        Self::with_table_bytes(capacity, DEFAULT_PAYER_TABLE_CACHE_BYTES)
+    }
+
+    /// An empty cache holding up to about `capacity` keys and `table_bytes` of tables (0: no
+    /// tables).
+    pub fn with_table_bytes(capacity: NonZeroUsize, table_bytes: usize) -> Self {
         let per_shard = NonZeroUsize::new(capacity.get().div_ceil(KEY_SHARDS)).expect("non-zero");
+        let tables_per_shard = table_bytes / table_entry_bytes() / KEY_SHARDS;
         Self {
             shards: (0..KEY_SHARDS)
-                .map(|_| std::sync::Mutex::new(LruCache::new(per_shard)))
+                .map(|_| {
+                    std::sync::Mutex::new(Shard {
+                        keys: LruCache::new(per_shard),
+                        tables: NonZeroUsize::new(tables_per_shard).map(LruCache::new),
+                    })
+                })
                 .collect(),
+            table_bytes: KEY_SHARDS * tables_per_shard * table_entry_bytes(),
         }
     }
 
-    fn shard(&self, payer: &Address) -> std::sync::MutexGuard<'_, LruCache<Address, AffinePoint>> {
+    fn shard(&self, payer: &Address) -> std::sync::MutexGuard<'_, Shard> {
         // Addresses are hashes: any byte of one spreads payers evenly over the shards.
         let shard = &self.shards[usize::from(payer.0[19]) % KEY_SHARDS];
         shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The payer's key and table, as cached.
+    fn lookup(&self, payer: &Address) -> (Option<Key>, Option<Arc<KeyTable>>) {
+        let mut shard = self.shard(payer);
+        let table = shard.tables.as_mut().and_then(|t| t.get(payer).cloned());
+        let key = match &table {
+            // Keep the key as fresh as its table.
+            Some(table) => {
+                shard.keys.get(payer);
+                Some(*table.key())
+            }
+            None => shard.keys.get(payer).copied(),
+        };
+        (key, table)
+    }
+
+    /// Builds and caches `payer`'s table, unless tables are off.
+    fn build_table(&self, payer: Address, key: &Key) {
+        if self.table_bytes == 0 {
+            return;
+        }
+        let table = Arc::new(KeyTable::new(key));
+        if let Some(tables) = self.shard(&payer).tables.as_mut() {
+            tables.put(payer, table);
+        }
+    }
+
     /// Checks that `payer` signed `digest`. On a cache miss the key is recovered from this
-    /// signature and kept only if it belongs to `payer`.
+    /// signature and kept only if it belongs to `payer`; a cached key without a table gets one
+    /// once this check passes.
     pub fn verify(
         &self,
         payer: Address,
         digest: &B256,
         sig: &Signature,
     ) -> Result<(), SignatureError> {
-        let cached = self.shard(&payer).get(&payer).copied();
-        if let Some(key) = cached {
-            check_scalars(sig)?;
-            return if verify_with_key(&key, digest, sig) {
+        match self.lookup(&payer) {
+            (_, Some(table)) => {
+                let (r, s) = check_scalars(sig)?;
+                if ecmult::verify_with_table(&table, &digest_scalar(digest), &r, &s, sig.v()) {
+                    Ok(())
+                } else {
+                    Err(SignatureError::WrongSigner { expected: payer })
+                }
+            }
+            (Some(key), None) => {
+                let (r, s) = check_scalars(sig)?;
+                if ecmult::verify(&key, &digest_scalar(digest), &r, &s, sig.v()) {
+                    self.build_table(payer, &key);
+                    Ok(())
+                } else {
+                    Err(SignatureError::WrongSigner { expected: payer })
+                }
+            }
+            (None, _) => {
+                let key = recover_key(digest, sig)?;
+                if address_of(&key) != payer {
+                    return Err(SignatureError::WrongSigner { expected: payer });
+                }
+                let key = Key::new(key.as_affine()).ok_or(SignatureError::Unrecoverable)?;
+                self.shard(&payer).keys.put(payer, key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks many signatures, each as [`PayerKeys::verify`] would, with one batch equation
+    /// for those whose payer has a table (see [`ecmult::verify_batch`]); the others are checked
+    /// alone first. If the equation fails, each of its signatures is checked alone, so every
+    /// result names its own signature's fault. The batch's randomizers come from the operating
+    /// system's CSPRNG.
+    pub fn verify_batch(&self, checks: &[SignatureCheck<'_>]) -> BatchOutcome {
+        let mut results: Vec<Option<Result<(), SignatureError>>> = vec![None; checks.len()];
+        let mut pending = Vec::with_capacity(checks.len());
+        for (i, check) in checks.iter().enumerate() {
+            let scalars = match check_scalars(check.signature) {
+                Ok(scalars) => scalars,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            match self.lookup(&check.payer) {
+                (_, Some(table)) => pending.push((i, table, scalars)),
+                _ => results[i] = Some(self.verify(check.payer, &check.digest, check.signature)),
+            }
+        }
+        let batched = if pending.len() >= 2 { pending.len() } else { 0 };
+        let items: Vec<BatchItem<'_>> = pending
+            .iter()
+            .map(|(i, table, (r, s))| BatchItem {
+                table,
+                z: digest_scalar(&checks[*i].digest),
+                r: *r,
+                s: *s,
+                y_odd: checks[*i].signature.v(),
+            })
+            .collect();
+        let all_good = batched > 0 && {
+            let mut bytes = vec![0u8; 16 * items.len()];
+            getrandom::fill(&mut bytes).expect("the OS provides randomness");
+            let randomizers: Vec<u128> = bytes
+                .chunks_exact(16)
+                .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
+                .collect();
+            ecmult::verify_batch(&items, &randomizers)
+        };
+        for ((i, _, _), item) in pending.iter().zip(&items) {
+            let ok = all_good
+                || ecmult::verify_with_table(item.table, &item.z, &item.r, &item.s, item.y_odd);
+            results[*i] = Some(if ok {
                 Ok(())
             } else {
-                Err(SignatureError::WrongSigner { expected: payer })
-            };
+                Err(SignatureError::WrongSigner {
+                    expected: checks[*i].payer,
+                })
+            });
         }
-        let key = recover_key(digest, sig)?;
-        if address_of(&key) != payer {
-            return Err(SignatureError::WrongSigner { expected: payer });
+        let fell_back = batched > 0 && !all_good;
+        BatchOutcome {
+            results: results
+                .into_iter()
+                .map(|r| r.expect("every check has a result"))
+                .collect(),
+            batched,
+            fell_back,
         }
-        self.shard(&payer).put(payer, *key.as_affine());
-        Ok(())
     }
 
     /// Whether `payer`'s key is cached (for tests and metrics).
     pub fn contains(&self, payer: &Address) -> bool {
-        self.shard(payer).contains(payer)
+        self.shard(payer).keys.contains(payer)
+    }
+
+    /// Whether `payer`'s table is cached (for tests and metrics).
+    pub fn has_table(&self, payer: &Address) -> bool {
+        self.shard(payer)
+            .tables
+            .as_ref()
+            .is_some_and(|t| t.contains(payer))
     }
 
     /// Number of cached keys.
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).keys.len())
             .sum()
+    }
+
+    /// Number of cached tables.
+    pub fn tables(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tables
+                    .as_ref()
+                    .map_or(0, LruCache::len)
+            })
+            .sum()
+    }
+
+    /// The most bytes the cached tables take (the budget, rounded down to whole tables).
+    pub fn table_budget_bytes(&self) -> usize {
+        self.table_bytes
     }
 
     /// Whether no key is cached.

@@ -1,5 +1,6 @@
 //! The binary's subcommands. Each prints one JSON object on standard output.
 
+pub mod bench;
 pub mod demo;
 pub mod deploy;
 pub mod load;
