@@ -3,8 +3,8 @@
 //! receipt), then holds N concurrent paid sessions, each streaming at a set rate and answering
 //! `need_voucher`, for a bounded time; it ramps up, holds, shows its progress every second, and
 //! prints one JSON report: sessions held, setups per second, messages and vouchers per second,
-//! the voucher round trip (p50, p99, max), errors by code, and the server's resident memory
-//! per session (before and after, when given its PID).
+//! the voucher round trip (p50, p99, max, and its distribution), errors by code, and the
+//! server's resident memory per session (before and after, when given its PID).
 //!
 //! Bounded: at most 20,000 sessions and 10 minutes; loopback servers only. The payers are
 //! anvil's well-known development accounts unless `PAYSTREAM_LOAD_KEYS` names funded keys.
@@ -120,6 +120,20 @@ fn quantile_ms(samples: &mut [u32], q: f64) -> f64 {
     samples.sort_unstable();
     let i = ((samples.len() - 1) as f64 * q).round() as usize;
     f64::from(samples[i]) / 1_000.0
+}
+
+/// The quantiles a latency distribution is drawn from (`scripts/bench` plots them).
+const DISTRIBUTION: [f64; 19] = [
+    0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998,
+    0.999, 1.0,
+];
+
+/// `[[quantile, ms], ...]` at [`DISTRIBUTION`]'s quantiles.
+fn distribution_ms(samples: &mut [u32]) -> Vec<[f64; 2]> {
+    DISTRIBUTION
+        .iter()
+        .map(|&q| [q, quantile_ms(samples, q)])
+        .collect()
 }
 
 /// The resident memory of `pid`, KiB (Linux).
@@ -555,6 +569,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let report = serde_json::json!({
         "sessions": args.sessions,
+        "ratePerSession": args.rate,
         "opened": opened,
         "held": held,
         "setupSecs": ramp.as_secs_f64(),
@@ -564,6 +579,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "messagesPerSec": messages as f64 / hold.max(1e-9),
         "vouchersPerSec": vouchers as f64 / hold.max(1e-9),
         "voucherRttMs": { "p50": quantile_ms(&mut rtts, 0.5), "p99": quantile_ms(&mut rtts, 0.99), "max": quantile_ms(&mut rtts, 1.0) },
+        "voucherRttDistributionMs": distribution_ms(&mut rtts),
+        "setupDistributionMs": distribution_ms(&mut setups),
+        "voucherRttSamples": rtts.len(),
         "errors": errors,
         "serverRssBeforeKiB": rss_before,
         "serverRssAfterKiB": rss_after,
