@@ -585,3 +585,159 @@ fn shared_vectors_pass_through_every_path() {
         }
     }
 }
+
+/// A signature by secret `d` over `digest` whose check `u1·G + u2·Q − R` comes out as `e·G`
+/// instead of the identity (`e = 0`: a valid signature).
+fn off_by(rng: &mut Rng, d: &Scalar, digest: &B256, e: Scalar) -> Signature {
+    let z = <Scalar as Reduce<k256::U256>>::reduce_bytes(&digest.0.into());
+    loop {
+        let k = rng.scalar();
+        let point = ProjectivePoint::mul_by_generator(&k).to_affine();
+        let encoded = point.to_encoded_point(false);
+        let x = U256::from_be_slice(encoded.x().unwrap());
+        if x >= N {
+            continue;
+        }
+        let r = Scalar::from_repr(x.to_be_bytes::<32>().into()).unwrap();
+        let Some(inv) = Option::<Scalar>::from((k + e).invert()) else {
+            continue;
+        };
+        // u1·G + u2·Q = (z + r·d)/s · G = (k + e)·G, and R = k·G.
+        let s = (z + r * d) * inv;
+        let s_int = U256::from_be_bytes::<32>(s.to_bytes().into());
+        if s_int > (N >> 1) || s_int.is_zero() {
+            continue;
+        }
+        let y_odd = encoded.y().unwrap()[31] & 1 == 1;
+        return Signature::new(x, s_int, y_odd);
+    }
+}
+
+/// Bad signatures whose errors cancel (`+e·G` and `−e·G`, one payer or two) fail the batch:
+/// only per-signature randomizers tell them apart (with equal randomizers the equation holds,
+/// shown below on the same batch). Several bad signatures in one batch are each named.
+#[test]
+fn errors_that_cancel_each_other_fail_the_batch() {
+    let mut rng = Rng::from_env();
+    for _ in 0..6 {
+        let secrets: Vec<Scalar> = (0..2).map(|_| rng.scalar()).collect();
+        let payers: Vec<Payer> = secrets
+            .iter()
+            .map(|d| Payer::new(ProjectivePoint::mul_by_generator(d).to_affine()))
+            .collect();
+        let keys = PayerKeys::new(NonZeroUsize::new(64).unwrap());
+        for (d, payer) in secrets.iter().zip(&payers) {
+            let sk = SigningKey::from_bytes(&d.to_bytes()).unwrap();
+            for _ in 0..2 {
+                let digest = B256::from(rng.bytes32());
+                let sig = signature::sign_digest(&sk, &digest);
+                keys.verify(payer.address, &digest, &sig).unwrap();
+            }
+            assert!(keys.has_table(&payer.address));
+        }
+        let e = rng.scalar();
+        let digests: Vec<B256> = (0..4).map(|_| B256::from(rng.bytes32())).collect();
+        let good = off_by(&mut rng, &secrets[0], &digests[0], Scalar::ZERO);
+        let plus = off_by(&mut rng, &secrets[0], &digests[1], e);
+        let minus_same = off_by(&mut rng, &secrets[0], &digests[2], -e);
+        let minus_other = off_by(&mut rng, &secrets[1], &digests[3], -e);
+        let (a, b) = (&payers[0], &payers[1]);
+        let cases: [Vec<(&Payer, &B256, &Signature)>; 3] = [
+            vec![(a, &digests[1], &plus), (a, &digests[2], &minus_same)],
+            vec![(a, &digests[1], &plus), (b, &digests[3], &minus_other)],
+            vec![
+                (a, &digests[0], &good),
+                (a, &digests[1], &plus),
+                (b, &digests[3], &minus_other),
+            ],
+        ];
+        for case in &cases {
+            let checks: Vec<SignatureCheck<'_>> = case
+                .iter()
+                .map(|(payer, digest, signature)| SignatureCheck {
+                    payer: payer.address,
+                    digest: **digest,
+                    signature,
+                })
+                .collect();
+            let outcome = keys.verify_batch(&checks);
+            assert!(outcome.fell_back);
+            for ((payer, digest, sig), result) in case.iter().zip(&outcome.results) {
+                assert_eq!(result.is_ok(), contract_accepts(payer, digest, sig));
+            }
+        }
+        // The same pair passes an equation whose randomizers are equal: what the test above
+        // would miss if the randomizers were not drawn per signature.
+        let items: Vec<paystream::channel::ecmult::BatchItem<'_>> = cases[0]
+            .iter()
+            .map(
+                |(payer, digest, sig)| paystream::channel::ecmult::BatchItem {
+                    table: &payer.table,
+                    z: <Scalar as Reduce<k256::U256>>::reduce_bytes(&digest.0.into()),
+                    r: Scalar::from_repr(sig.r().to_be_bytes::<32>().into()).unwrap(),
+                    s: Scalar::from_repr(sig.s().to_be_bytes::<32>().into()).unwrap(),
+                    y_odd: sig.v(),
+                },
+            )
+            .collect();
+        assert!(paystream::channel::ecmult::verify_batch(&items, &[7, 7]));
+        assert!(!paystream::channel::ecmult::verify_batch(&items, &[7, 9]));
+    }
+}
+
+/// A batch of 40 with three bad vouchers: the halving names each of them, and only them.
+#[test]
+fn several_bad_vouchers_in_one_batch_are_each_named() {
+    let mut rng = Rng::from_env();
+    let secrets: Vec<Scalar> = (0..10).map(|_| rng.scalar()).collect();
+    let signers: Vec<SigningKey> = secrets
+        .iter()
+        .map(|d| SigningKey::from_bytes(&d.to_bytes()).unwrap())
+        .collect();
+    let payers: Vec<Payer> = signers
+        .iter()
+        .map(|sk| Payer::new(*sk.verifying_key().as_affine()))
+        .collect();
+    let keys = PayerKeys::new(NonZeroUsize::new(64).unwrap());
+    for (sk, payer) in signers.iter().zip(&payers) {
+        for _ in 0..2 {
+            let digest = B256::from(rng.bytes32());
+            keys.verify(payer.address, &digest, &signature::sign_digest(sk, &digest))
+                .unwrap();
+        }
+    }
+    for _ in 0..4 {
+        let bad: Vec<usize> = (0..3).map(|_| rng.below(40)).collect();
+        let items: Vec<(usize, B256, Signature)> = (0..40)
+            .map(|i| {
+                let p = i % payers.len();
+                let digest = B256::from(rng.bytes32());
+                let sig = if bad.contains(&i) {
+                    // Signed by the next payer: a valid signature, not this payer's.
+                    signature::sign_digest(&signers[(p + 1) % signers.len()], &digest)
+                } else {
+                    signature::sign_digest(&signers[p], &digest)
+                };
+                (p, digest, sig)
+            })
+            .collect();
+        let checks: Vec<SignatureCheck<'_>> = items
+            .iter()
+            .map(|(p, digest, signature)| SignatureCheck {
+                payer: payers[*p].address,
+                digest: *digest,
+                signature,
+            })
+            .collect();
+        let outcome = keys.verify_batch(&checks);
+        assert_eq!(outcome.batched, 40);
+        assert!(outcome.fell_back);
+        for (i, result) in outcome.results.iter().enumerate() {
+            assert_eq!(
+                result.is_err(),
+                bad.contains(&i),
+                "voucher {i}, bad {bad:?}"
+            );
+        }
+    }
+}

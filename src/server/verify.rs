@@ -10,11 +10,14 @@
 //! ([`PayerKeys::verify_states`]). A lone voucher is never held back waiting for company: a
 //! worker that finds one voucher checks it at once.
 //!
-//! A batch that fails is checked again one voucher at a time to name the bad one. The
-//! connection that sent it is then a suspect, and its vouchers are checked alone from then on,
-//! so invalid signatures cannot make honest connections pay for fallbacks again and again. A
-//! connection is known by the Tokio task it runs on (`tokio::task::try_id`), or by its payer
-//! outside a task.
+//! Only a connection that has already sent a good signature has its vouchers batched: a new
+//! connection's vouchers (its `open`) are checked alone, so whoever sends bad signatures (say,
+//! `open`s naming an honest payer's channel, reconnecting after each) never puts them into an
+//! honest batch. A batch that fails anyway (a proven connection's voucher went bad) is halved
+//! until the bad voucher is named; that connection is then a suspect, and its vouchers are
+//! checked alone from then on, so invalid signatures cannot make honest connections pay for
+//! fallbacks again and again. A connection is known by the Tokio task it runs on
+//! (`tokio::task::try_id`), or by its payer outside a task.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +46,8 @@ pub const DEFAULT_VERIFY_MAX_BATCH: usize = 128;
 /// growing the queue. 4,096 is far more than two cores clear in a second's fraction.
 pub const DEFAULT_VERIFY_QUEUE: usize = 4_096;
 
-/// Connections remembered as having sent a bad signature.
+/// Connections remembered as having sent a good signature (batched from then on) or a bad one
+/// (checked alone from then on); a forgotten one is checked alone until it proves itself again.
 pub const DEFAULT_VERIFY_SUSPECTS: usize = 65_536;
 
 /// The first estimate of a batched voucher's cost before any batch was timed.
@@ -60,7 +64,7 @@ pub struct VerifierConfig {
     pub max_batch: usize,
     /// Vouchers waiting for a worker before callers wait for room.
     pub queue: usize,
-    /// Connections remembered as suspects.
+    /// Connections remembered as proven or suspect.
     pub suspects: usize,
 }
 
@@ -76,7 +80,16 @@ impl Default for VerifierConfig {
     }
 }
 
-/// Who sent a voucher, for the suspects list.
+/// What a connection's signatures have shown so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// One was good and none bad: its vouchers are batched.
+    Proven,
+    /// One was bad: its vouchers are checked alone.
+    Suspect,
+}
+
+/// Who sent a voucher, for the standings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Source {
     Task(tokio::task::Id),
@@ -108,6 +121,8 @@ pub struct VerifierStats {
     pub fallbacks: u64,
     /// Vouchers checked alone because their connection is a suspect.
     pub suspect_checks: u64,
+    /// Vouchers checked alone because their connection has not sent a good signature yet.
+    pub unproven_checks: u64,
 }
 
 #[derive(Default)]
@@ -117,6 +132,7 @@ struct Counters {
     batched: AtomicU64,
     fallbacks: AtomicU64,
     suspect_checks: AtomicU64,
+    unproven_checks: AtomicU64,
 }
 
 struct Queue {
@@ -129,7 +145,7 @@ struct Pool {
     config: VerifierConfig,
     queue: Mutex<Queue>,
     ready: Condvar,
-    suspects: Mutex<LruCache<Source, ()>>,
+    standings: Mutex<LruCache<Source, Standing>>,
     /// Running estimate of one batched voucher's cost, in nanoseconds.
     batched_ns: AtomicU64,
     counters: Counters,
@@ -200,7 +216,7 @@ impl Verifier {
                 closed: false,
             }),
             ready: Condvar::new(),
-            suspects: Mutex::new(LruCache::new(
+            standings: Mutex::new(LruCache::new(
                 std::num::NonZeroUsize::new(config.suspects).expect("at least 1"),
             )),
             batched_ns: AtomicU64::new(INITIAL_BATCHED_NS),
@@ -229,6 +245,7 @@ impl Verifier {
             batched: c.batched.load(Ordering::Relaxed),
             fallbacks: c.fallbacks.load(Ordering::Relaxed),
             suspect_checks: c.suspect_checks.load(Ordering::Relaxed),
+            unproven_checks: c.unproven_checks.load(Ordering::Relaxed),
         }
     }
 
@@ -285,12 +302,19 @@ impl Pool {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many vouchers one batch may take now.
+    /// How many vouchers one batch may take now: at least 2 unless batching is off, so that
+    /// batches keep forming and the cost estimate keeps learning (a limit of 1 would never
+    /// time a batch again, and one slow batch, say a descheduled worker, would turn batching
+    /// off for good).
     fn batch_limit(&self) -> usize {
+        if self.config.max_added_latency_us == 0 {
+            return 1;
+        }
         let per = self.batched_ns.load(Ordering::Relaxed).max(1);
         let extra = self.config.max_added_latency_us * 1_000 / per;
         usize::try_from(extra.saturating_add(1))
             .unwrap_or(usize::MAX)
+            .max(2)
             .min(self.config.max_batch)
     }
 
@@ -314,28 +338,43 @@ impl Pool {
         }
     }
 
-    fn is_suspect(&self, source: &Source) -> bool {
-        self.suspects
+    fn standing(&self, source: &Source) -> Option<Standing> {
+        self.standings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(source)
-            .is_some()
+            .copied()
     }
 
-    fn suspect(&self, source: Source) {
-        self.suspects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put(source, ());
+    /// Records what a check showed: a bad signature makes its sender a suspect for good; a
+    /// good one proves a sender that is not a suspect.
+    fn record(&self, source: Source, good: bool) {
+        let mut standings = self.standings.lock().unwrap_or_else(|p| p.into_inner());
+        if !good {
+            standings.put(source, Standing::Suspect);
+        } else if standings.get(&source).is_none() {
+            standings.put(source, Standing::Proven);
+        }
     }
 
     fn check(&self, jobs: Vec<Job>) {
-        let (alone, together): (Vec<Job>, Vec<Job>) = jobs
-            .into_iter()
-            .partition(|job| self.is_suspect(&job.source));
-        self.counters
-            .suspect_checks
-            .fetch_add(alone.len() as u64, Ordering::Relaxed);
+        let mut together = Vec::with_capacity(jobs.len());
+        let mut alone = Vec::new();
+        for job in jobs {
+            match self.standing(&job.source) {
+                Some(Standing::Proven) => together.push(job),
+                Some(Standing::Suspect) => {
+                    self.counters.suspect_checks.fetch_add(1, Ordering::Relaxed);
+                    alone.push(job);
+                }
+                None => {
+                    self.counters
+                        .unproven_checks
+                        .fetch_add(1, Ordering::Relaxed);
+                    alone.push(job);
+                }
+            }
+        }
         for job in alone {
             let result = self.keys.verify_state(&job.domain, job.payer, &job.voucher);
             self.answer(job, result);
@@ -371,8 +410,10 @@ impl Pool {
 
     fn answer(&self, job: Job, result: Reply) {
         self.counters.checked.fetch_add(1, Ordering::Relaxed);
-        if matches!(result, Err(ChannelError::InvalidSignature(_))) {
-            self.suspect(job.source);
+        match &result {
+            Ok(_) => self.record(job.source, true),
+            Err(ChannelError::InvalidSignature(_)) => self.record(job.source, false),
+            Err(_) => {}
         }
         let _ = job.reply.send(result);
     }
@@ -448,19 +489,49 @@ mod tests {
                 .keys()
                 .has_table(&signature::address_of(s.verifying_key()))
         }));
-        let tasks: Vec<_> = (0..64u64)
+        // 64 connections: each proves itself with a first voucher (checked alone), then all
+        // send their next one at the same moment, beside 32 new connections sending forged
+        // `open`s (another payer's signature), which are never put into a batch.
+        let round = Arc::new(tokio::sync::Barrier::new(64 + 32));
+        let honest: Vec<_> = (0..64u64)
             .map(|i| {
                 let verifier = verifier.clone();
-                let (payer, v) = voucher(&signers[i as usize % 8], 10 + i);
-                tokio::spawn(async move { verifier.verify(domain(), payer, v).await })
+                let round = round.clone();
+                let signer = signers[i as usize % 8].clone();
+                tokio::spawn(async move {
+                    let (payer, first) = voucher(&signer, 10 + i);
+                    verifier.verify(domain(), payer, first).await?;
+                    round.wait().await;
+                    let (payer, next) = voucher(&signer, 100 + i);
+                    verifier.verify(domain(), payer, next).await
+                })
             })
             .collect();
-        for task in tasks {
+        let forgers: Vec<_> = (0..32u64)
+            .map(|i| {
+                let verifier = verifier.clone();
+                let round = round.clone();
+                let victim = signature::address_of(signers[i as usize % 8].verifying_key());
+                tokio::spawn(async move {
+                    round.wait().await;
+                    let (_, forged) = voucher(&key(200), 1_000 + i);
+                    verifier.verify(domain(), victim, forged).await
+                })
+            })
+            .collect();
+        for task in honest {
             task.await.unwrap().unwrap();
+        }
+        for task in forgers {
+            assert!(matches!(
+                task.await.unwrap(),
+                Err(ChannelError::InvalidSignature(_))
+            ));
         }
         let stats = verifier.stats();
         assert!(stats.batches >= 1 && stats.batched >= 2, "{stats:?}");
-        assert_eq!(stats.fallbacks, 0);
+        assert_eq!(stats.fallbacks, 0, "{stats:?}");
+        assert!(stats.unproven_checks >= 64 + 32, "{stats:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +571,7 @@ mod tests {
         }
         let stats = verifier.stats();
         assert_eq!(stats.suspect_checks, 10, "{stats:?}");
-        assert!(stats.fallbacks <= 1, "{stats:?}");
+        assert_eq!(stats.fallbacks, 0, "{stats:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,6 +604,10 @@ mod tests {
         assert_eq!(pool.batch_limit(), 31);
         pool.batched_ns.store(1_000, Ordering::Relaxed);
         assert_eq!(pool.batch_limit(), DEFAULT_VERIFY_MAX_BATCH);
+        // One slow batch (a descheduled worker: 6 ms a voucher) leaves room for two, so
+        // batches keep forming and the estimate can come back down.
+        pool.batched_ns.store(6_000_000, Ordering::Relaxed);
+        assert_eq!(pool.batch_limit(), 2);
         let never = Verifier::with_config(
             PayerKeys::default(),
             VerifierConfig {

@@ -56,9 +56,9 @@ use table::SplitTable;
 const G_PIECES: usize = 8;
 /// Bits between the generator table's pieces.
 const G_SPACING: u32 = 32;
-/// NAF width on the generator: 2^(w-2) odd multiples per piece. 8 gives 64 per piece, 8 pieces
-/// of 80-byte points: 40 KiB shared by every check, small enough to stay in the core's cache
-/// beside the payers' tables.
+/// NAF width on the generator: 2^(w-2) odd multiples per piece. 10 gives 256 per piece, 8
+/// pieces of 80-byte points: 160 KiB shared by every check (in the core's L2 beside the
+/// payers' tables; a check reads only the few dozen points its digits select).
 const G_WINDOW: u32 = 10;
 
 /// Pieces of a payer's table: four 32-bit pieces of each 128-bit GLV half.
