@@ -685,7 +685,7 @@ fn errors_that_cancel_each_other_fail_the_batch() {
     }
 }
 
-/// A batch of 40 with three bad vouchers: the halving names each of them, and only them.
+/// A batch of 40 with three bad vouchers: the fallback names each of them, and only them.
 #[test]
 fn several_bad_vouchers_in_one_batch_are_each_named() {
     let mut rng = Rng::from_env();

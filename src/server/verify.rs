@@ -13,8 +13,8 @@
 //! Only a connection that has already sent a good signature has its vouchers batched: a new
 //! connection's vouchers (its `open`) are checked alone, so whoever sends bad signatures (say,
 //! `open`s naming an honest payer's channel, reconnecting after each) never puts them into an
-//! honest batch. A batch that fails anyway (a proven connection's voucher went bad) is halved
-//! until the bad voucher is named; that connection is then a suspect, and its vouchers are
+//! honest batch. A batch that fails anyway (a proven connection's voucher went bad) is checked
+//! again one voucher at a time to name the bad one; that connection is then a suspect, and its vouchers are
 //! checked alone from then on, so invalid signatures cannot make honest connections pay for
 //! fallbacks again and again. A connection is known by the Tokio task it runs on
 //! (`tokio::task::try_id`), or by its payer outside a task.
