@@ -364,15 +364,18 @@ starts everything afresh.
 voucher, makes one short request, then only answers heartbeats; memory is the server's resident
 set after the sessions are held, less before they opened, over the sessions held):
 
-| sessions | held | errors | setups/s | setup p99 ms | server RSS MiB | KiB/session | server CPU while idle |
-|---:|---:|---:|---:|---:|---:|---:|---:|""")
+| sessions | held | errors | setups/s | setup p99 ms | server CPU ms/setup | load CPU ms/setup | server RSS MiB | KiB/session | server CPU while idle |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|""")
         for r in idle:
             errors = sum(r["errors"].values())
             rss = (r.get("serverRssAfterKiB") or 0) / 1024
             kib = r.get("serverKiBPerSession")
             cpu = r.get("serverCpuWhileHolding")
+            server_ms = r.get("serverCpuMsPerSetup")
+            load_ms = r.get("loadCpuMsPerSetup")
             out.append(f"| {fmt_int(r['sessions'])} | {fmt_int(r['held'])} | {errors} | {fmt_int(r['setupsPerSec'])} | "
-                       f"{r['setupMs']['p99']:.1f} | {rss:.1f} | {kib:.1f} | "
+                       f"{r['setupMs']['p99']:.1f} | {'-' if server_ms is None else f'{server_ms:.2f}'} | "
+                       f"{'-' if load_ms is None else f'{load_ms:.2f}'} | {rss:.1f} | {kib:.1f} | "
                        f"{'-' if cpu is None else f'{cpu:.2f} core'} |")
         biggest = idle[-1]
         kib = biggest.get("serverKiBPerSession") or 0
@@ -381,6 +384,14 @@ set after the sessions are held, less before they opened, over the sessions held
                    f"(goal ≤ {GOALS['idle_kib']:.0f} KiB: {met(kib <= GOALS['idle_kib'])}); "
                    f"{fmt_int(biggest['setupsPerSec'])} setups/s (goal ≥ {fmt_int(GOALS['setups_per_sec'])}: "
                    f"{met(biggest['setupsPerSec'] >= GOALS['setups_per_sec'])}).")
+        server_ms = biggest.get("serverCpuMsPerSetup")
+        load_ms = biggest.get("loadCpuMsPerSetup")
+        if server_ms and load_ms:
+            ceiling = 1000.0 * run.env["cores"] / (server_ms + load_ms)
+            out.append(f"What bounds the setups: a setup costs the server {server_ms:.2f} ms of CPU and the "
+                       f"load generator {load_ms:.2f} ms (signing, its WebSocket client) on the same "
+                       f"{run.env['cores']} cores, Redis and anvil beside them: at most "
+                       f"{fmt_int(ceiling)} setups/s if every core did nothing else.")
         pts = [(r["held"], (r.get("serverRssAfterKiB") or 0) / 1024) for r in idle]
         base = [(r["held"], (r.get("serverRssBeforeKiB") or 0) / 1024) for r in idle]
         svg_line_chart(svg_dir / "memory.svg", "Server memory against idle paid sessions",
@@ -393,8 +404,9 @@ set after the sessions are held, less before they opened, over the sessions held
         out.append(f"""Paid sessions at about 1,000 vouchers a second ({fmt_int(paid['sessions'])} sessions streaming
 {paid.get('ratePerSession', 0):g} tokens a second each, held for {paid['holdSecs']:.0f} s): {paid['vouchersPerSec']:,.0f} vouchers/s and
 {fmt_int(paid['messagesPerSec'])} messages/s held, {sum(paid['errors'].values())} errors. The round trip
-is from the client receiving `need_voucher` to the `voucher_ack` of its answer (signing
-included), over {fmt_int(paid.get('voucherRttSamples', 0))} vouchers:
+is from the client sending a voucher (signed) to its `voucher_ack`: the server's signature
+check, the fenced write to Redis and both ways over loopback, over
+{fmt_int(paid.get('voucherRttSamples', 0))} vouchers:
 
 | p50 | p99 | max | goal p99 |
 |---:|---:|---:|---|

@@ -489,6 +489,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     // The ramp: at most `concurrency` sessions opening at once.
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let ramp_started = Instant::now();
+    // Who spent the ramp's CPU: the server and this generator share the machine's cores.
+    let ramp_cpu_before = (
+        args.server_pid.and_then(cpu_secs),
+        cpu_secs(std::process::id()),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     for (key, channel) in plan {
         let (ctx, stats, stop) = (ctx.clone(), stats.clone(), stop.clone());
@@ -507,6 +512,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     let ramp = ramp_started.elapsed();
     let opened = stats.opened.load(Ordering::Relaxed);
+    let cpu_ms_per_setup =
+        |before: Option<f64>, pid: Option<u32>| match (before, pid.and_then(cpu_secs)) {
+            (Some(b), Some(a)) if opened > 0 => Some(1_000.0 * (a - b) / opened as f64),
+            _ => None,
+        };
+    let server_setup_cpu_ms = cpu_ms_per_setup(ramp_cpu_before.0, args.server_pid);
+    let load_setup_cpu_ms = cpu_ms_per_setup(ramp_cpu_before.1, Some(std::process::id()));
     eprintln!(
         "[{opened} sessions open in {:.1} s: {:.0} setups/s]",
         ramp.as_secs_f64(),
@@ -574,6 +586,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "held": held,
         "setupSecs": ramp.as_secs_f64(),
         "setupsPerSec": opened as f64 / ramp.as_secs_f64(),
+        "serverCpuMsPerSetup": server_setup_cpu_ms,
+        "loadCpuMsPerSetup": load_setup_cpu_ms,
         "setupMs": { "p50": quantile_ms(&mut setups, 0.5), "p99": quantile_ms(&mut setups, 0.99), "max": quantile_ms(&mut setups, 1.0) },
         "holdSecs": hold,
         "messagesPerSec": messages as f64 / hold.max(1e-9),
