@@ -148,21 +148,64 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// An unlabelled metric of the server's `/metrics`, if it answers.
-async fn server_metric(resource_url: &str, name: &str) -> Option<u64> {
+/// The server's `/metrics` text, if it answers.
+async fn server_metrics(resource_url: &str) -> Option<String> {
     let base = resource_url
         .split('/')
         .take(3)
         .collect::<Vec<_>>()
         .join("/");
-    let text = reqwest::get(format!("{base}/metrics"))
+    reqwest::get(format!("{base}/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
-    text.lines()
+        .ok()
+}
+
+/// An unlabelled metric of the server's `/metrics`, if it answers.
+async fn server_metric(resource_url: &str, name: &str) -> Option<u64> {
+    server_metrics(resource_url)
+        .await?
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A latency histogram of the server's `/metrics` text: the count, the mean (ms), and the
+/// bucket bounds (ms) the median and the 99th percentile fall under.
+fn histogram_ms(text: &str, name: &str) -> Option<serde_json::Value> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let (mut sum, mut count) = (0.0, 0u64);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) {
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            buckets.push((le * 1_000.0, n.trim().parse().ok()?));
+        } else if let Some(v) = line.strip_prefix(&format!("{name}_sum ")) {
+            sum = v.trim().parse().ok()?;
+        } else if let Some(v) = line.strip_prefix(&format!("{name}_count ")) {
+            count = v.trim().parse().ok()?;
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let under = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n as f64 >= q * count as f64)
+            .map(|(le, _)| if le.is_finite() { Some(*le) } else { None })
+    };
+    Some(serde_json::json!({
+        "count": count,
+        "mean": 1_000.0 * sum / count as f64,
+        "p50Under": under(0.5),
+        "p99Under": under(0.99),
+    }))
 }
 
 /// The CPU time `pid` has used, seconds (Linux: user and system time from `/proc/PID/stat`).
@@ -558,6 +601,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let future_bytes = server_metric(&args.url, "paystream_connection_future_bytes").await;
+    // The server's share of the voucher round trip: the whole step (message read to
+    // acknowledgment sent), the signature check (queue wait included) and the store write.
+    let metrics = server_metrics(&args.url).await.unwrap_or_default();
+    let server_voucher = serde_json::json!({
+        "step": histogram_ms(&metrics, "paystream_voucher_verification_seconds"),
+        "signature": histogram_ms(&metrics, "paystream_signature_check_seconds"),
+        "store": histogram_ms(&metrics, "paystream_voucher_store_seconds"),
+    });
     let messages = stats.messages.load(Ordering::Relaxed) - m0;
     let vouchers = stats.vouchers.load(Ordering::Relaxed) - v0;
     let _ = stop_tx.send(true);
@@ -594,6 +645,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "vouchersPerSec": vouchers as f64 / hold.max(1e-9),
         "voucherRttMs": { "p50": quantile_ms(&mut rtts, 0.5), "p99": quantile_ms(&mut rtts, 0.99), "max": quantile_ms(&mut rtts, 1.0) },
         "voucherRttDistributionMs": distribution_ms(&mut rtts),
+        "serverVoucherMs": server_voucher,
         "setupDistributionMs": distribution_ms(&mut setups),
         "voucherRttSamples": rtts.len(),
         "errors": errors,

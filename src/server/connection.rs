@@ -424,7 +424,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     domain,
                     voucher,
                 } => {
+                    let started = std::time::Instant::now();
                     let result = self.state.verifier.verify(domain, payer, voucher).await;
+                    self.metrics().signature_latency.observe_since(started);
                     if let Some(session) = self.session.as_mut() {
                         let more = session.verified(result);
                         for e in more.into_iter().rev() {
@@ -437,11 +439,13 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     voucher,
                 } => {
                     let fence = self.fence();
+                    let started = std::time::Instant::now();
                     let result = self
                         .state
                         .store
                         .save_voucher(channel_id, voucher, fence)
                         .await;
+                    self.metrics().store_latency.observe_since(started);
                     self.count_fenced(&result);
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
@@ -900,8 +904,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             if is_voucher {
                 // Verification latency: the checks, the signature and the store write, up to
                 // the acknowledgment (or the refusal).
-                self.metrics()
-                    .observe_verification(started.elapsed().as_micros() as u64);
+                self.metrics().voucher_latency.observe_since(started);
             }
             return flow;
         }

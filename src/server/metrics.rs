@@ -6,8 +6,53 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Upper bounds (µs) of the voucher verification latency histogram.
-const LATENCY_BUCKETS_US: [u64; 8] = [50, 100, 200, 500, 1_000, 5_000, 20_000, 100_000];
+/// Upper bounds (µs) of the latency histograms.
+const LATENCY_BUCKETS_US: [u64; 11] = [
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+];
+
+/// A latency histogram in microseconds, written in seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation of `us` microseconds.
+    pub fn observe(&self, us: u64) {
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            if us <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Records the time since `started`.
+    pub fn observe_since(&self, started: std::time::Instant) {
+        self.observe(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {}",
+                bound as f64 / 1e6,
+                load(bucket)
+            );
+        }
+        let count = load(&self.count);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", load(&self.sum_us) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
 
 /// The server's counters.
 #[derive(Debug, Default)]
@@ -55,9 +100,13 @@ pub struct Metrics {
     pub leases_taken_over: AtomicU64,
     /// Money writes the store refused because their fencing token was stale.
     pub fencing_refusals: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    /// A voucher's whole step in a session: from the message read to the acknowledgment (or
+    /// the refusal) sent.
+    pub voucher_latency: Histogram,
+    /// Signature checks (queue wait included), every voucher and `open`.
+    pub signature_latency: Histogram,
+    /// Voucher writes to the store (the fenced compare-and-set).
+    pub store_latency: Histogram,
 }
 
 impl Metrics {
@@ -65,17 +114,6 @@ impl Metrics {
     pub fn rejected(&self, code: &str) {
         let mut map = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry(code.to_string()).or_default() += 1;
-    }
-
-    /// Records one voucher verification (checks and store write) of `us` microseconds.
-    pub fn observe_verification(&self, us: u64) {
-        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_US) {
-            if us <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Adds to a counter, saturating at `u64::MAX` for huge amounts.
@@ -221,29 +259,21 @@ impl Metrics {
         {
             let _ = writeln!(out, "paystream_rejected_total{{code=\"{code}\"}} {n}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP paystream_voucher_verification_seconds Voucher check and store latency.\n# TYPE paystream_voucher_verification_seconds histogram"
+        self.voucher_latency.render(
+            &mut out,
+            "paystream_voucher_verification_seconds",
+            "A voucher from its message read to its acknowledgment: checks, signature, store write.",
         );
-        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_US) {
-            let _ = writeln!(
-                out,
-                "paystream_voucher_verification_seconds_bucket{{le=\"{}\"}} {}",
-                bound as f64 / 1e6,
-                load(bucket)
-            );
-        }
-        let count = load(&self.latency_count);
-        let _ = writeln!(
-            out,
-            "paystream_voucher_verification_seconds_bucket{{le=\"+Inf\"}} {count}"
+        self.signature_latency.render(
+            &mut out,
+            "paystream_signature_check_seconds",
+            "Signature checks of vouchers and opens, queue wait included.",
         );
-        let _ = writeln!(
-            out,
-            "paystream_voucher_verification_seconds_sum {}",
-            load(&self.latency_sum_us) as f64 / 1e6
+        self.store_latency.render(
+            &mut out,
+            "paystream_voucher_store_seconds",
+            "Voucher writes to the store (the fenced compare-and-set).",
         );
-        let _ = writeln!(out, "paystream_voucher_verification_seconds_count {count}");
         out
     }
 }
