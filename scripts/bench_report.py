@@ -412,6 +412,23 @@ check, the fenced write to Redis and both ways over loopback, over
 |---:|---:|---:|---|
 | {rtt['p50']:.2f} ms | {rtt['p99']:.2f} ms | {rtt['max']:.2f} ms | < {GOALS['rtt_p99_ms']:.0f} ms: {met(rtt['p99'] < GOALS['rtt_p99_ms'])} |
 """)
+        server = paid.get("serverVoucherMs") or {}
+        if server.get("step"):
+            out.append("The server's share, from its `/metrics` histograms (means, and the bucket the 99th "
+                       "percentile falls under):\n")
+            out.append("| part | mean ms | p99 under ms |")
+            out.append("|---|---:|---:|")
+            for key, label in (("step", "the whole step: message read to `voucher_ack` sent"),
+                               ("signature", "the signature check, queue wait included"),
+                               ("store", "the fenced write to Redis")):
+                h = server.get(key)
+                if h:
+                    p99 = "-" if h.get("p99Under") is None else f"{h['p99Under']:g}"
+                    out.append(f"| {label} | {h['mean']:.2f} | {p99} |")
+            cpu = paid.get("serverCpuWhileHolding")
+            if cpu is not None:
+                out.append(f"\nThe server used {cpu:.2f} of a core meanwhile: a voucher's step is mostly "
+                           "waiting (for a core, for Redis), not working.\n")
         dist = paid.get("voucherRttDistributionMs")
         if dist:
             pts = [(max(ms, 0.01), 100 * q) for q, ms in dist]
