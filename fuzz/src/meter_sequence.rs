@@ -221,10 +221,13 @@ fn price(input: &mut Input<'_>) -> Option<Price> {
     if input.below(3) == 0 {
         return None;
     }
-    let amount = match input.below(5) {
+    // Powers of two too: a product that wraps around 2^256 is a random-looking (and so almost
+    // surely refused) amount, except when its factors are powers of two: it is then zero.
+    let amount = match input.below(6) {
         0 => 0,
         1 => u128::from(input.u8()),
         2 => u128::MAX >> input.below(16),
+        3 => 1 << input.below(128),
         _ => input.scaled_u128(),
     };
     let per = match input.below(7) {
@@ -246,15 +249,16 @@ fn step(input: &mut Input<'_>) -> u64 {
         2 => u64::from(input.u8()) * 1_000_000,
         3 => u64::from(input.u8()) * 100_000_000,
         4 => input.scaled_u64() % (1 << 44),
+        5 => 1 << input.below(50),
         _ => input.scaled_u64() % (1 << 32),
     }
 }
 
 fn bytes(input: &mut Input<'_>) -> u64 {
-    if input.bool() {
-        u64::from(input.u8())
-    } else {
-        input.scaled_u64() >> 16
+    match input.below(4) {
+        0 | 1 => u64::from(input.u8()),
+        2 => 1 << input.below(48),
+        _ => input.scaled_u64() >> 16,
     }
 }
 
@@ -274,6 +278,7 @@ pub fn run(data: &[u8]) {
         credit_window: input.scaled_u128(),
         liveness_ns: match input.below(4) {
             0 => input.scaled_u64(),
+            1 => 1 << input.below(64),
             _ => 10_000_000_000,
         },
     };

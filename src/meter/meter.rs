@@ -216,7 +216,9 @@ impl Meter {
             return;
         }
         let dt = end - self.accrued_to;
-        let cost = self.rates.nanosecond * U256::from(dt);
+        // Saturating, as every cost here: a weight (up to 2^248) times a count can pass 2^256,
+        // and a wrapped product would charge almost nothing (a saturated one is above any room).
+        let cost = self.rates.nanosecond.saturating_mul(U256::from(dt));
         let room = self.limit - self.scaled;
         if cost <= room {
             self.scaled += cost;
@@ -340,7 +342,11 @@ impl Meter {
                 remaining: self.remaining(),
             });
         }
-        let cost = self.rates.message + self.rates.byte_out * U256::from(bytes);
+        let cost = self
+            .rates
+            .byte_out
+            .saturating_mul(U256::from(bytes))
+            .saturating_add(self.rates.message);
         if let Err(error) = self.charge(cost) {
             self.pauses |= PauseReason::Exhausted as u8;
             return Err(error);
@@ -355,7 +361,7 @@ impl Meter {
     /// them (the request is not processed) and changes nothing.
     pub fn try_bytes_in(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
         self.accrue(now.max(self.accrued_to));
-        self.charge(self.rates.byte_in * U256::from(bytes))?;
+        self.charge(self.rates.byte_in.saturating_mul(U256::from(bytes)))?;
         self.bytes_in += bytes;
         self.window_events += 1;
         Ok(())
@@ -367,7 +373,7 @@ impl Meter {
     /// refuses it and changes nothing.
     pub fn try_request(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
         self.accrue(now.max(self.accrued_to));
-        let cost = self.rates.byte_in * U256::from(bytes);
+        let cost = self.rates.byte_in.saturating_mul(U256::from(bytes));
         let after = self.scaled.saturating_add(cost);
         if after >= self.limit || self.limit - after < self.rates.message {
             return Err(MeterError::Exhausted {
