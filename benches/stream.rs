@@ -111,9 +111,15 @@ async fn paid_stream(p: &mut Paid) -> Duration {
     .await
     .unwrap();
     let started = loop {
-        if let Some(Ok(Message::Text(t))) = ws.next().await
-            && let ServerMessage::Session { .. } = decode_server(&t).unwrap()
-        {
+        let t = match ws.next().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => continue,
+            other => panic!("the connection ended before the session opened: {other:?}"),
+        };
+        if let ServerMessage::Error { code, message, .. } = decode_server(&t).unwrap() {
+            panic!("open refused: {code}: {message}");
+        }
+        if let ServerMessage::Session { .. } = decode_server(&t).unwrap() {
             let body = serde_json::json!({ "maxTokens": MESSAGES });
             ws.send(Message::Text(
                 encode_client(&ClientMessage::Request { body }).into(),
@@ -153,6 +159,15 @@ async fn paid_stream(p: &mut Paid) -> Duration {
     ))
     .await
     .unwrap();
+    // The session has ended once its receipt is out (or the connection is): only then is the
+    // channel free for the next run's session (one live session per channel).
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Text(t) = message
+            && let Ok(ServerMessage::Receipt { .. }) = decode_server(&t)
+        {
+            break;
+        }
+    }
     elapsed
 }
 
