@@ -172,6 +172,32 @@ async fn failed_opens_are_limited_per_connection_and_per_ip() {
         .await;
 }
 
+/// A client that has its receipt can open the channel again at once: the ended session lets the
+/// channel go before the closing handshake, not after it (the stream bench's next open was
+/// refused `channel_busy` while the server waited up to 2 s for the old connection's Close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_receipt_the_channel_opens_again_at_once() {
+    let stack = Stack::start(per_token()).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut first = stack.client(id).await;
+    first.open(5, 100).await;
+    first
+        .send(&ClientMessage::Close {
+            close_channel: false,
+        })
+        .await;
+    first
+        .recv_until(|m| matches!(m, ServerMessage::Receipt { .. }))
+        .await;
+    // The first connection does not answer the server's Close frame (it reads no further).
+    let mut again = stack.client(id).await;
+    let v = again.voucher(6, 200);
+    again.send(&ClientMessage::Open(v)).await;
+    let reply = again.recv_until(is_reply).await.pop().unwrap();
+    assert!(matches!(reply, ServerMessage::Session { .. }), "{reply:?}");
+    drop(first);
+}
+
 /// Item 11: when the store refused the opening voucher (`stale_nonce`: another writer, or a
 /// stored state the chain had overtaken), the session stayed `Opening`: every later message got
 /// `unexpected_message` and the channel stayed busy. A failed opening write now ends that

@@ -351,6 +351,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return Flow::Closed;
         }
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE, self.ws.flush()).await;
+        // The session is over (or parked): let the channel go now, not after the handshake, so
+        // the client can open (or resume) again as soon as it has its receipt.
+        self.release().await;
         // The closing handshake: read (and drop) what the client still sends until its Close,
         // so the socket is not reset with unread data, which could discard the frames above
         // before the client reads them. Bounded: a client that never answers is cut off.
