@@ -65,8 +65,8 @@ impl<'a> Input<'a> {
         u128::from_le_bytes(self.array())
     }
 
-    /// A `u64` of a random bit length (as likely to be 3 as 2^40): small values are where the
-    /// edge cases are, large ones where the overflows are.
+    /// A `u64` of a random bit length (each length from 0 to 64 equally likely): small values
+    /// are where the edge cases are, large ones where the overflows are.
     pub fn scaled_u64(&mut self) -> u64 {
         let bits = self.below(65) as u32;
         let raw = self.u64();

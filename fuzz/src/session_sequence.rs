@@ -90,6 +90,8 @@ struct Live {
     lease_lapsed: bool,
     store_paused: bool,
     streaming: bool,
+    /// What the connection last wrote to the record (the server's `recorded`).
+    recorded: (u64, Option<u64>),
 }
 
 /// A session's record, as the store holds it for a resume.
@@ -479,6 +481,7 @@ impl World<'_> {
             lease_lapsed: false,
             store_paused: false,
             streaming: false,
+            recorded: (0, None),
         });
         assert!(self.pending.is_empty(), "answers held for no session");
         self.apply(effects, Origin::Other);
@@ -526,6 +529,12 @@ impl World<'_> {
         let Some(live) = self.live.as_mut() else {
             return;
         };
+        if !live.streaming {
+            // The server has units only while a request streams (its resource's queue): a
+            // request's start writes the session's record (found by this target: delivering
+            // without one let a crash reuse `seq`s, which the server cannot do).
+            return;
+        }
         let was_open = live.session.is_open();
         let next = live.session.next_seq();
         match live.session.deliver(bytes, now) {
@@ -641,13 +650,10 @@ impl World<'_> {
         }
     }
 
+    /// The process dies: nothing more is written (the record stays as last written, parked or
+    /// not), and its flusher's consumption is lost.
     fn crash(&mut self) {
-        if let Some(live) = self.live.take()
-            && let Some(r) = self.record.as_mut()
-            && r.sid == live.session.id()
-        {
-            r.parked = false;
-        }
+        self.live = None;
         self.carried = None;
         self.finish_pending();
     }
@@ -763,6 +769,7 @@ impl World<'_> {
             lease_lapsed: false,
             store_paused: false,
             streaming: false,
+            recorded: (record.next_seq, record.request),
         });
         self.apply(effects, Origin::Resumed);
     }
@@ -1044,14 +1051,19 @@ impl World<'_> {
         }
     }
 
-    /// The record follows the session's progress (the server's `record_progress`).
+    /// The record follows the session's progress (the server's `record_progress`: written when
+    /// it moved since the connection last wrote it, as not parked).
     fn progress(&mut self) {
-        if let (Some(live), Some(r)) = (self.live.as_ref(), self.record.as_mut())
+        if let (Some(live), Some(r)) = (self.live.as_mut(), self.record.as_mut())
             && live.session.is_open()
             && r.sid == live.session.id()
         {
-            r.next_seq = live.session.next_seq();
-            r.request = live.session.unended_request();
+            let now = (live.session.next_seq(), live.session.unended_request());
+            if now != live.recorded {
+                (r.next_seq, r.request) = now;
+                r.parked = false;
+                live.recorded = now;
+            }
         }
     }
 
