@@ -233,7 +233,10 @@ def store(run):
     resume = run.group("store_restart_to_resume")
     if not commits:
         return ""
-    one = commits.get("save_voucher/1_sessions")
+    # criterion writes "<function>/<parameter>" as "<function>_<parameter>".
+    commits = {k.replace("/", "_"): v for k, v in commits.items()}
+    resume = {k.replace("/", "_"): v for k, v in resume.items()}
+    one = commits.get("save_voucher_1_sessions")
     out = ["""## The store (`scripts/bench store`)
 
 A real redis-server on loopback, started by the bench. Durable voucher commits:
@@ -244,17 +247,17 @@ lease:
 | function | µs/commit | commits/s | vs one session at a time |
 |---|---:|---:|---:|"""]
     for name, (ns, ops) in commits.items():
-        label = {"save_voucher/1_sessions": "one session at a time (each commit waits for its fsync)",
-                 "save_voucher/512_sessions": "512 sessions at once (pipelined, group-committed)",
-                 "plain_set/512_writers": "plain `SET`, 512 writers (the connection without the script)"
+        label = {"save_voucher_1_sessions": "one session at a time (each commit waits for its fsync)",
+                 "save_voucher_512_sessions": "512 sessions at once (pipelined, group-committed)",
+                 "plain_set_512_writers": "plain `SET`, 512 writers (the connection without the script)"
                  }.get(name, name)
         out.append(f"| {label} | {ns / 1000:.1f} | {fmt_int(ops)} | {fmt_ratio(ops / one[1] if one else None)} |")
-    best = commits.get("save_voucher/512_sessions")
+    best = commits.get("save_voucher_512_sessions")
     if best:
         out.append(f"\nGoal {fmt_int(GOALS['durable_commits'])} durable commits/s: "
                    f"{met(best[1] >= GOALS['durable_commits'])}.")
     if resume:
-        none = resume.get("first_resume/0_channels_stored")
+        none = resume.get("first_resume_0_channels_stored")
         out.append("""
 A restarted server's first resume: a new server state (a new holder id, nothing in memory) on
 the store, then from its first accepted connection to the resumed `session` message (the token
