@@ -337,23 +337,23 @@ impl World<'_> {
     }
 
     fn event(&mut self) {
-        match self.input.below(32) {
+        match self.input.below(35) {
             0..=3 => self.step_clock(),
             4 | 5 => self.client_open(),
             6..=8 => {
                 let msg = self.voucher_msg();
                 self.client_message(ClientMessage::Voucher(msg));
             }
-            9 => {
+            9 | 10 => {
                 let size = self.input.below(8);
                 let body = serde_json::json!({ "prompt": "x".repeat(size * size * 16) });
                 self.client_message(ClientMessage::Request { body });
             }
-            10 => {
+            11 => {
                 let close_channel = self.input.below(4) == 0;
                 self.client_message(ClientMessage::Close { close_channel });
             }
-            11 => {
+            12 => {
                 let m = if self.input.bool() {
                     ClientMessage::Resume { token: "x".into() }
                 } else {
@@ -361,22 +361,22 @@ impl World<'_> {
                 };
                 self.client_message(m);
             }
-            12..=14 => self.timer(),
-            15..=19 => self.deliver(),
-            20 | 21 => self.pong(),
-            22 => self.backpressure(),
-            23 => self.chain(),
-            24 => self.lease(),
-            25 => self.connection_lost(),
-            26 => {
+            13..=15 => self.timer(),
+            16..=22 => self.deliver(),
+            23 | 24 => self.pong(),
+            25 => self.backpressure(),
+            26 => self.chain(),
+            27 => self.lease(),
+            28 => self.connection_lost(),
+            29 => {
                 if self.input.below(4) == 0 {
                     self.resume_in_place();
                 } else {
                     self.resume();
                 }
             }
-            27 | 28 => self.answer_pending(),
-            29 => {
+            30 | 31 => self.answer_pending(),
+            32 => {
                 if let Some(live) = self.live.as_mut() {
                     let reason = [
                         EndReason::Completed,
@@ -389,7 +389,7 @@ impl World<'_> {
                     self.apply(effects, Origin::Other);
                 }
             }
-            30 => self.store_up = !self.store_up || self.input.bool(),
+            33 => self.store_up = !self.store_up || self.input.bool(),
             _ => self.other_writer(),
         }
     }
@@ -520,12 +520,22 @@ impl World<'_> {
         self.apply(effects, Origin::Other);
     }
 
+    /// A burst of units from the resource, some microseconds apart.
     fn deliver(&mut self) {
-        let now = self.now();
         let bytes = match self.input.below(4) {
             0 => u64::from(self.input.u8()) * 64,
             _ => 20 + u64::from(self.input.u8() % 64),
         };
+        let gap = u64::from(self.input.u8()) * 10_000;
+        for _ in 0..1 + self.input.below(8) {
+            self.clock += gap;
+            self.deliver_one(bytes);
+            self.check_live();
+        }
+    }
+
+    fn deliver_one(&mut self, bytes: u64) {
+        let now = self.now();
         let Some(live) = self.live.as_mut() else {
             return;
         };
