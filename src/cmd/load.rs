@@ -66,6 +66,12 @@ pub struct LoadArgs {
     /// Seconds to hold every session once they are all open.
     #[arg(long, default_value_t = 10)]
     hold: u64,
+    /// Each streaming session starts its stream after a delay spread evenly over this many
+    /// milliseconds (by its channel id), so that the vouchers of sessions opened in the same
+    /// instant arrive at a steady rate rather than in bursts of all the sessions at once (0:
+    /// every stream starts as soon as its session opens).
+    #[arg(long, default_value_t = 1_000)]
+    stagger_ms: u64,
     /// Sessions opening at once during the ramp.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -225,6 +231,7 @@ struct Ctx {
     window: u128,
     deposit: u128,
     rate: u32,
+    stagger: Duration,
 }
 
 /// Small buffers on the load side too: the generator holds as many sockets as the server.
@@ -319,6 +326,16 @@ async fn run_session(
                 let body = if ctx.rate == 0 {
                     serde_json::json!({ "maxTokens": 5 })
                 } else {
+                    // This session's place in the stagger, from its channel id (uniform).
+                    let at = u64::from_be_bytes(channel[..8].try_into().expect("8 bytes"));
+                    let nanos = ctx.stagger.as_nanos() as u64;
+                    if nanos > 0 {
+                        let wait = Duration::from_nanos(at % nanos);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.changed() => break,
+                        }
+                    }
                     serde_json::json!({ "maxTokens": u64::MAX / 2, "tokensPerSec": ctx.rate })
                 };
                 if ws
@@ -526,6 +543,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         window: offer.extra.credit_window.max(1),
         deposit: args.deposit,
         rate: args.rate,
+        stagger: Duration::from_millis(args.stagger_ms),
     });
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop) = watch::channel(false);
@@ -633,6 +651,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "sessions": args.sessions,
         "ratePerSession": args.rate,
+        "staggerMs": args.stagger_ms,
         "opened": opened,
         "held": held,
         "setupSecs": ramp.as_secs_f64(),
