@@ -37,11 +37,18 @@ mod voucher_accept;
 
 use std::path::PathBuf;
 
+/// The checkout's root: where `cargo test` runs this from (it sets `CARGO_MANIFEST_DIR` for the
+/// run as well as for the build). The path compiled in is only the fallback: a test binary is
+/// reused from a shared target directory by another checkout of the same sources (CI's clone
+/// beside the working copy), and the compiled path may no longer exist.
+fn checkout() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 /// Runs `run` on every file of `fuzz/regressions/<target>/`; returns how many.
 fn replay(target: &str, run: fn(&[u8])) -> usize {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/regressions")
-        .join(target);
+    let dir = checkout().join("fuzz/regressions").join(target);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return 0;
     };

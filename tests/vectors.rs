@@ -48,10 +48,13 @@ fn the_vectors_file_has_cases_and_type_hashes() {
 
 #[test]
 fn the_committed_copy_matches_shared_when_present() {
-    let shared = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/channel_state.json"
+    // Where `cargo test` runs this from, not the path compiled in (a shared target directory
+    // reuses the binary across checkouts).
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
     );
+    let shared = root.join("../shared/vectors/channel_state.json");
     if let Ok(text) = std::fs::read_to_string(shared) {
         assert_eq!(
             text,
