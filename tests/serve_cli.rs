@@ -51,21 +51,24 @@ kind = "token_generator"
     )
     .unwrap();
     // The RPC URL, contract and Redis URL come from the environment, over the file's values.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_paystream"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("PAYSTREAM_PAYEE_KEY", DEV_KEYS[2])
-        .env("PAYSTREAM_RPC_URL", &anvil.url)
-        .env("PAYSTREAM_CONTRACT", contract.to_string())
-        .env("PAYSTREAM_REDIS_URL", &redis.url)
-        .env(
-            "PAYSTREAM_JWT_SECRET",
-            "a shared secret of at least 32 bytes, for tests",
-        )
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Killed if the test fails before it stops the server itself.
+    let mut child = common::faults::Guard(
+        Command::new(env!("CARGO_BIN_EXE_paystream"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("PAYSTREAM_PAYEE_KEY", DEV_KEYS[2])
+            .env("PAYSTREAM_RPC_URL", &anvil.url)
+            .env("PAYSTREAM_CONTRACT", contract.to_string())
+            .env("PAYSTREAM_REDIS_URL", &redis.url)
+            .env(
+                "PAYSTREAM_JWT_SECRET",
+                "a shared secret of at least 32 bytes, for tests",
+            )
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -85,6 +88,7 @@ kind = "token_generator"
     }
     let body = http_get(port, "/healthz").await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    compose_healthcheck_passes(port);
     let challenge = http_get(port, "/tokens").await;
     assert!(challenge.starts_with("HTTP/1.1 402"), "{challenge}");
     assert!(
@@ -94,13 +98,50 @@ kind = "token_generator"
         "the challenge names the contract"
     );
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = child.wait().unwrap();
+    let exit = child.0.wait().unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs docker-compose.yml's healthcheck of the engine against a live server on `port`, as
+/// Docker would: `CMD` runs its arguments as they are, `CMD-SHELL` runs its string with
+/// `/bin/sh -c` (dash in the engine's Debian image, as on this machine's Debian). It failed
+/// always before: `/dev/tcp` is a bash feature, and dash has none.
+fn compose_healthcheck_passes(port: u16) {
+    let compose = std::fs::read_to_string(
+        std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap())
+            .join("docker-compose.yml"),
+    )
+    .unwrap();
+    let engine = compose
+        .split("\n  engine:")
+        .nth(1)
+        .expect("docker-compose.yml has an engine service");
+    let line = engine
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("test: "))
+        .expect("the engine has a healthcheck test");
+    // The test is a flow sequence of double-quoted strings: JSON reads it the same way.
+    let test: Vec<String> = serde_json::from_str(line).expect("a JSON-compatible test array");
+    let argv: Vec<String> = test
+        .iter()
+        .map(|a| a.replace("127.0.0.1/8080", &format!("127.0.0.1/{port}")))
+        .collect();
+    let status = match argv[0].as_str() {
+        "CMD" => Command::new(&argv[1]).args(&argv[2..]).status(),
+        "CMD-SHELL" => Command::new("/bin/sh").arg("-c").arg(&argv[1]).status(),
+        other => panic!("a healthcheck test starts with CMD or CMD-SHELL, not {other}"),
+    }
+    .unwrap();
+    assert!(
+        status.success(),
+        "the compose healthcheck {argv:?} failed: {status}"
+    );
 }
 
 /// `PAYSTREAM_LOG_FORMAT=json`: one JSON object a log line.
