@@ -66,10 +66,10 @@ pub struct LoadArgs {
     /// Seconds to hold every session once they are all open.
     #[arg(long, default_value_t = 10)]
     hold: u64,
-    /// Each streaming session starts its stream after a delay spread evenly over this many
-    /// milliseconds (by its channel id), so that the vouchers of sessions opened in the same
-    /// instant arrive at a steady rate rather than in bursts of all the sessions at once (0:
-    /// every stream starts as soon as its session opens).
+    /// Each streaming session starts its stream after a delay drawn uniformly from this many
+    /// milliseconds (by its channel id, a hash), so that the vouchers of sessions opened in the
+    /// same instant arrive at a steady rate rather than in bursts of all the sessions at once
+    /// (0: every stream starts as soon as its session opens).
     #[arg(long, default_value_t = 1_000)]
     stagger_ms: u64,
     /// Sessions opening at once during the ramp.
@@ -234,6 +234,10 @@ struct Ctx {
     stagger: Duration,
 }
 
+/// A session not open this long after it began connecting has failed (`setup timeout`): its
+/// place in the ramp goes to the next one, so a server that hangs cannot hang the run.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Small buffers on the load side too: the generator holds as many sockets as the server.
 fn client_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -267,16 +271,24 @@ async fn run_session(
     ramp: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> bool {
     let started = Instant::now();
-    let ws = tokio_tungstenite::connect_async_with_config(
-        ctx.ws_url.as_str(),
-        Some(client_config()),
-        true,
+    let setup_deadline = tokio::time::Instant::from_std(started + SETUP_TIMEOUT);
+    let ws = tokio::time::timeout_at(
+        setup_deadline,
+        tokio_tungstenite::connect_async_with_config(
+            ctx.ws_url.as_str(),
+            Some(client_config()),
+            true,
+        ),
     )
     .await;
     let mut ws = match ws {
-        Ok((ws, _)) => ws,
-        Err(e) => {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
             stats.error(format!("connect: {e}"));
+            return false;
+        }
+        Err(_) => {
+            stats.error("setup timeout");
             return false;
         }
     };
@@ -294,6 +306,10 @@ async fn run_session(
         let frame = tokio::select! {
             frame = ws.next() => frame,
             _ = stop.changed() => break,
+            () = tokio::time::sleep_until(setup_deadline), if !open => {
+                stats.error("setup timeout");
+                break;
+            }
         };
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,
@@ -370,10 +386,10 @@ async fn run_session(
                 }
             }
             ServerMessage::Error { code, .. } => {
-                if code == "store_unavailable" {
-                    // Sent again when asked.
-                    sent_at = None;
-                }
+                // Whatever the error, the voucher in flight (if any) got no ack: it is counted
+                // here, not in the round trips, and the next `need_voucher` is answered again
+                // (a session that stopped answering would count as held while not paying).
+                sent_at = None;
                 stats.error(code);
             }
             _ => {}
@@ -462,7 +478,17 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .nth(1)
         .and_then(|rest| rest.split(['/', ':']).next())
         .unwrap_or_default();
-    if !matches!(host, "127.0.0.1" | "localhost" | "[") {
+    let host = if host == "[" {
+        // An IPv6 literal: the whole of it, brackets included.
+        ws_url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .map_or("", |h| h.trim_start_matches('['))
+    } else {
+        host
+    };
+    if !matches!(host, "127.0.0.1" | "localhost" | "::1") {
         bail!("paystream load runs against a server on this machine only (127.0.0.1), not {host}");
     }
     let keys: Vec<PrivateKeySigner> = match &args.keys {
@@ -484,6 +510,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let delay = 3_600u32.max(offer.extra.min_withdraw_delay_seconds);
     let mut run_id = [0u8; 8];
     getrandom::fill(&mut run_id).context("reading OS randomness")?;
+
+    // The server's memory before it saw any of this run's channels (the "before" read later,
+    // once they are open, includes what the server keeps per channel it saw opening).
+    let rss_start = args.server_pid.and_then(rss_kib);
 
     // Channels, spread over the payers: each payer's opens go out back to back.
     let per_key = args.sessions.div_ceil(keys.len());
@@ -648,11 +678,18 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         (Some(b), Some(a)) if held > 0 => Some(a.saturating_sub(b) as f64 / held as f64),
         _ => None,
     };
+    // The same over the memory from before the server saw any of the channels: a session and
+    // what the server keeps of its channel.
+    let per_session_and_channel = match (rss_start, rss_after) {
+        (Some(b), Some(a)) if held > 0 => Some(a.saturating_sub(b) as f64 / held as f64),
+        _ => None,
+    };
     let report = serde_json::json!({
         "sessions": args.sessions,
         "ratePerSession": args.rate,
         "staggerMs": args.stagger_ms,
         "opened": opened,
+        "failed": stats.failed.load(Ordering::Relaxed),
         "held": held,
         "setupSecs": ramp.as_secs_f64(),
         "setupsPerSec": opened as f64 / ramp.as_secs_f64(),
@@ -668,9 +705,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "setupDistributionMs": distribution_ms(&mut setups),
         "voucherRttSamples": rtts.len(),
         "errors": errors,
+        "serverRssStartKiB": rss_start,
         "serverRssBeforeKiB": rss_before,
         "serverRssAfterKiB": rss_after,
         "serverKiBPerSession": per_session,
+        "serverKiBPerSessionWithChannel": per_session_and_channel,
         "serverConnectionFutureBytes": future_bytes,
         "serverCpuWhileHolding": cpu_share,
     });
