@@ -84,6 +84,11 @@ pub struct LoadArgs {
     /// Funded payer keys, comma-separated (default: anvil's development accounts).
     #[arg(long, env = "PAYSTREAM_LOAD_KEYS", hide_env_values = true)]
     keys: Option<String>,
+    /// A file of funded payer keys, one a line (for thousands of payers: more than an
+    /// environment variable holds). With as many keys as sessions, every session has its own
+    /// payer, whose first check the server makes on a key it has never seen.
+    #[arg(long, conflicts_with = "keys")]
+    keys_file: Option<std::path::PathBuf>,
 }
 
 /// What the sessions saw, shared.
@@ -413,15 +418,18 @@ async fn run_session(
     open
 }
 
-/// Opens `count` channels from `chain`'s sender to `payee`: every `open` broadcast with its own
-/// nonce, then every receipt awaited.
+/// Payers opening their channels at once (each with its own connection to the node).
+const OPENING_PAYERS: usize = 64;
+
+/// Broadcasts `count` channel opens from `chain`'s sender to `payee`, each with its own nonce;
+/// the last one's hash (mined once it is: a sender's transactions are mined in nonce order).
 async fn open_channels(
     chain: &Channels<RpcBackend>,
     payee: Address,
     salts: &[B256],
     deposit: u128,
     delay: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<B256>> {
     let backend = chain.backend();
     let first = backend.pending_nonce().await?;
     let probe = chain.open_tx(payee, Address::ZERO, salts[0], deposit, delay);
@@ -441,19 +449,22 @@ async fn open_channels(
         };
         hashes.push(backend.broadcast(tx, params).await?);
     }
-    // Mined in nonce order: once the last is in, all are (a reverted one shows later as a
-    // session that cannot open, counted by its error).
-    let Some(last) = hashes.last().copied() else {
-        return Ok(());
-    };
+    Ok(hashes.last().copied())
+}
+
+/// Waits until every transaction in `hashes` is mined (a reverted open shows later as a
+/// session that cannot open, counted by its error).
+async fn await_mined(backend: &RpcBackend, hashes: &[B256]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        match backend.receipt(last).await? {
-            Some(_) => break,
-            None if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    for hash in hashes {
+        loop {
+            match backend.receipt(*hash).await? {
+                Some(_) => break,
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => bail!("the opens were not mined within 5 min ({hash})"),
             }
-            None => bail!("the opens were not mined within 5 min ({last})"),
         }
     }
     Ok(())
@@ -491,7 +502,17 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if !matches!(host, "127.0.0.1" | "localhost" | "::1") {
         bail!("paystream load runs against a server on this machine only (127.0.0.1), not {host}");
     }
-    let keys: Vec<PrivateKeySigner> = match &args.keys {
+    let listed = match &args.keys_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        None => args.keys.clone(),
+    };
+    let keys: Vec<PrivateKeySigner> = match &listed {
         Some(keys) => keys
             .split(',')
             .map(|k| {
@@ -516,10 +537,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let rss_start = args.server_pid.and_then(rss_kib);
 
     // Channels, spread over the payers: each payer's opens go out back to back.
+    let payers = keys.len().min(args.sessions);
     let per_key = args.sessions.div_ceil(keys.len());
     let started = Instant::now();
     let mut plan: Vec<(SigningKey, B256)> = Vec::with_capacity(args.sessions);
     let mut opens = Vec::new();
+    let opening = Arc::new(Semaphore::new(OPENING_PAYERS));
     let mut chain_id = 0;
     for (k, signer) in keys.iter().enumerate() {
         let count = per_key.min(args.sessions - plan.len());
@@ -553,13 +576,21 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             plan.push((key.clone(), id));
         }
         let deposit = args.deposit;
+        let permit = opening.clone().acquire_owned().await?;
         opens.push(tokio::spawn(async move {
-            open_channels(&chain, payee, &salts, deposit, delay).await
+            let last = open_channels(&chain, payee, &salts, deposit, delay).await;
+            drop(permit);
+            last
         }));
     }
+    let mut lasts = Vec::with_capacity(opens.len());
     for open in opens {
-        open.await??;
+        lasts.extend(open.await??);
     }
+    let waiter = RpcBackend::connect(&args.rpc_url, keys[0].clone())
+        .await
+        .with_context(|| format!("connecting to {}", args.rpc_url))?;
+    await_mined(&waiter, &lasts).await?;
     eprintln!(
         "[{} channels opened in {:.1} s]",
         plan.len(),
@@ -686,6 +717,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let report = serde_json::json!({
         "sessions": args.sessions,
+        "payers": payers,
         "ratePerSession": args.rate,
         "staggerMs": args.stagger_ms,
         "opened": opened,

@@ -177,6 +177,20 @@ pub fn verify(key: &Key, z: &Scalar, r: &Scalar, s: &Scalar, y_odd: bool) -> boo
         .unwrap_or_else(|| constant_time(&key.k256, z, r, s, y_odd))
 }
 
+/// The public key a signature recovers (see the module docs for why variable time is safe
+/// here: the signature, the message and the key are all public), or `None` when the fast path
+/// cannot say: the caller then recovers with k256's constant-time code, which gives the same
+/// key or the reason there is none. `r` and `s` must be non-zero (the caller range-checks them,
+/// with the low-s rule).
+pub fn recover(z: &Scalar, r: &Scalar, s: &Scalar, y_odd: bool) -> Option<AffinePoint> {
+    let q = single::recover(z, r, s, y_odd)?;
+    let (x, y) = (q.x.normalize().to_bytes(), q.y.normalize().to_bytes());
+    let encoded = k256::EncodedPoint::from_affine_coordinates(&x, &y, false);
+    Option::from(<AffinePoint as k256::elliptic_curve::sec1::FromEncodedPoint<
+        k256::Secp256k1,
+    >>::from_encoded_point(&encoded))
+}
+
 /// [`verify`] with the payer's precomputed table.
 pub fn verify_with_table(
     table: &KeyTable,

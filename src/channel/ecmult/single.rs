@@ -234,3 +234,27 @@ pub(super) fn verify(
     buckets.gather(&recoding);
     Some(accept(&buckets.horner(), r, y_odd))
 }
+
+/// The public key `Q = r⁻¹·(s·R − z·G)` that a signature `(r, s, v)` over `z` recovers, with `R`
+/// the point of `x = r` whose `y` has the parity `v`: `u1·G + u2·R` for `u1 = −z/r`, `u2 = s/r`,
+/// on the generator's table and a small table of `R` (the cold key's path with `R` as the key).
+/// By construction `(z/s)·G + (r/s)·Q = R`, so the signature verifies under `Q`. `None` when no
+/// point has `x = r`, when `Q` is the identity, or when the GLV split failed its bound (never:
+/// the caller then takes the constant-time recovery, which tells the cases apart).
+pub(super) fn recover(z: &Scalar, r: &Scalar, s: &Scalar, y_odd: bool) -> Option<Affine> {
+    let big_r = Affine::lift(&r_field(r), y_odd)?;
+    let w = scalar::invert(r)?;
+    let u1 = -(*z * w);
+    let u2 = *s * w;
+    let cold = SplitTable::build(&big_r, 1, 0, COLD_WINDOW)?;
+    let mut recoding = Recoding::with_capacity(G_PIECES + 2, 96);
+    generator_terms(&u1, &mut recoding);
+    recoding.prefetch_from(0);
+    let split = scalar::glv_split(&u2)?;
+    for (half, &(neg, magnitude)) in split.iter().enumerate() {
+        recoding.push(cold.piece(0), half == 1, neg, magnitude, 128, COLD_WINDOW);
+    }
+    let mut buckets = Buckets::default();
+    buckets.gather(&recoding);
+    buckets.horner().to_affine()
+}
