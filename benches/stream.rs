@@ -116,17 +116,18 @@ async fn paid_stream(p: &mut Paid) -> Duration {
             Some(Ok(_)) => continue,
             other => panic!("the connection ended before the session opened: {other:?}"),
         };
-        if let ServerMessage::Error { code, message, .. } = decode_server(&t).unwrap() {
-            panic!("open refused: {code}: {message}");
-        }
-        if let ServerMessage::Session { .. } = decode_server(&t).unwrap() {
-            let body = serde_json::json!({ "maxTokens": MESSAGES });
-            ws.send(Message::Text(
-                encode_client(&ClientMessage::Request { body }).into(),
-            ))
-            .await
-            .unwrap();
-            break Instant::now();
+        match decode_server(&t).unwrap() {
+            ServerMessage::Error { code, message, .. } => panic!("open refused: {code}: {message}"),
+            ServerMessage::Session { .. } => {
+                let body = serde_json::json!({ "maxTokens": MESSAGES });
+                ws.send(Message::Text(
+                    encode_client(&ClientMessage::Request { body }).into(),
+                ))
+                .await
+                .unwrap();
+                break Instant::now();
+            }
+            _ => {}
         }
     };
     let mut received = 0;
