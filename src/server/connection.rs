@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use super::ServerState;
 use super::guard::Unauthenticated;
+use super::inbox::Inbox;
 use super::lease::{Held, LeaseNews};
 use super::metrics::Metrics;
 use super::registry::{ChainView, Refusal, Ticket};
@@ -69,10 +70,9 @@ struct Connection<C, S> {
     /// A unit taken from the queue that could not be paid for yet.
     held: Option<Unit>,
     last_inbound: Nanos,
-    /// Fires when another connection resumes this session (close with 4409).
-    kick: Option<oneshot::Receiver<()>>,
-    /// The chain's news of the session's channel.
-    updates: Option<watch::Receiver<ChainView>>,
+    /// The session's news: another connection resumed it (close with 4409), the chain's news
+    /// of its channel, the lease keeper's (taken from `lease`).
+    inbox: Option<Arc<Inbox>>,
     /// Counts this connection against its address until it has a session.
     unauthenticated: Arc<Unauthenticated>,
     ip: IpAddr,
@@ -85,8 +85,6 @@ struct Connection<C, S> {
     /// The session's lease on its channel (renewed by the process's keeper): every money write
     /// carries its fence, and nothing is delivered past its deadline.
     lease: Option<Arc<Held>>,
-    /// The keeper's news of the lease.
-    lease_news: Option<watch::Receiver<LeaseNews>>,
     /// Delivery is paused because the lease's deadline passed unrenewed.
     lapsed: bool,
     /// The store refused a write of this session for a stale fence: another process has the
@@ -120,15 +118,13 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         producer: None,
         held: None,
         last_inbound: now,
-        kick: None,
-        updates: None,
+        inbox: None,
         unauthenticated,
         ip,
         failed_opens: 0,
         errors_without_session: 0,
         counted_active: false,
         lease: None,
-        lease_news: None,
         lapsed: false,
         lost: false,
         jti: String::new(),
@@ -153,15 +149,21 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         let conn = self;
         let handshake_timeout_ms = conn.state.limits.handshake_timeout_ms;
         let idle_timeout_ms = conn.state.limits.idle_timeout_ms;
-        let heartbeat = Duration::from_millis(conn.state.params.heartbeat_ms.max(1));
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        // The heartbeat's Ping is one more deadline of the connection's one timer (a timer of
+        // its own would be another allocation and timer entry in every idle connection).
+        let heartbeat = conn.state.params.heartbeat_ms.max(1) * 1_000_000;
+        let mut next_ping = now + heartbeat;
         let opened_by = now + handshake_timeout_ms * 1_000_000;
         let sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(sleep);
         let mut armed: Nanos = 0;
         loop {
-            // Deliver what can be paid for before waiting on anything else.
-            if let Flow::Closed = conn.deliver_ready().await {
+            // Deliver what can be paid for before waiting on anything else (rare: a unit held
+            // for want of credit, then paid for; boxed, so its state is not in every future).
+            if conn.held.is_some()
+                && conn.session.as_ref().is_some_and(Session::can_deliver)
+                && let Flow::Closed = Box::pin(conn.deliver_ready()).await
+            {
                 break;
             }
             let now = conn.state.now();
@@ -180,7 +182,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 (w, l) => w.or(l),
             };
             let idle_at = conn.last_inbound + idle_timeout_ms * 1_000_000;
-            let wake = wake.map_or(idle_at, |w| w.min(idle_at));
+            let wake = wake.map_or(idle_at, |w| w.min(idle_at)).min(next_ping);
             // One timer for the connection, moved only when the next deadline is earlier than the
             // armed one or the armed one has passed (waking early is harmless: tick does nothing).
             if wake < armed || armed <= now {
@@ -209,29 +211,28 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 // The rare paths are boxed: their state is allocated when they run, not kept in
                 // every connection's future.
                 _ = stop.changed() => Box::pin(conn.shutdown()).await,
-                news = lease_news(&mut conn.lease_news) => Box::pin(conn.on_lease_news(news)).await,
-                _ = kicked(&mut conn.kick) => {
-                    Box::pin(conn.superseded("the session was resumed on another connection")).await
-                }
-                view = changed(&mut conn.updates) => Box::pin(conn.on_chain(view)).await,
+                () = news(conn.inbox.as_deref()) => Box::pin(conn.on_news()).await,
                 // A frame from the client (a voucher, a Pong: far rarer than units out).
                 inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
-                // The timers before the units: they are rarely ready, and a resource that keeps
-                // the queue full must not starve the heartbeat (its lapse pauses delivery), the
+                // The timer before the units: it is rarely ready, and a resource that keeps the
+                // queue full must not starve the heartbeat (its lapse pauses delivery), the
                 // usage saves or the deadlines.
-                _ = ping.tick() => {
-                    let payload = conn.state.now().to_be_bytes().to_vec();
-                    match conn.send(Message::Ping(payload.into())).await {
-                        Ok(()) => Flow::Continue,
-                        Err(()) => Flow::Closed,
-                    }
-                }
                 _ = &mut sleep => {
                     armed = 0;
-                    conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
-                    Box::pin(conn.on_timer()).await
+                    let now = conn.state.now();
+                    if now >= next_ping {
+                        next_ping = now + heartbeat;
+                        let payload = now.to_be_bytes().to_vec();
+                        match conn.send(Message::Ping(payload.into())).await {
+                            Ok(()) => Box::pin(conn.on_timer()).await,
+                            Err(()) => Flow::Closed,
+                        }
+                    } else {
+                        conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
+                        Box::pin(conn.on_timer()).await
+                    }
                 }
-                unit = recv(&mut conn.units), if can_take => conn.on_units(unit).await,
+                unit = recv(&mut conn.units), if can_take => Box::pin(conn.on_units(unit)).await,
             };
             if let Flow::Closed = flow {
                 break;
@@ -242,34 +243,9 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     }
 }
 
-async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
-    match kick {
-        Some(rx) => {
-            if rx.await.is_err() {
-                // The registry dropped the sender (the slot was removed): never fires.
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn lease_news(news: &mut Option<watch::Receiver<LeaseNews>>) -> LeaseNews {
-    match news {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => *rx.borrow_and_update(),
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-async fn changed(updates: &mut Option<watch::Receiver<ChainView>>) -> ChainView {
-    match updates {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => *rx.borrow_and_update(),
-            Err(_) => std::future::pending().await,
-        },
+async fn news(inbox: Option<&Inbox>) {
+    match inbox {
+        Some(inbox) => inbox.wait().await,
         None => std::future::pending().await,
     }
 }
@@ -314,16 +290,17 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     /// is polled once, and only a pending send pays for the timer.)
     async fn send(&mut self, message: Message) -> Result<(), ()> {
         let timeout = Duration::from_millis(self.state.limits.send_timeout_ms);
-        let send = self.ws.send(message);
-        tokio::pin!(send);
-        let result = match futures_util::poll!(send.as_mut()) {
+        let mut send = self.ws.send(message);
+        let result = match futures_util::poll!(&mut send) {
             std::task::Poll::Ready(r) => r,
             std::task::Poll::Pending => {
                 let start = self.state.now();
                 if let Some(s) = self.session.as_mut() {
                     s.backpressure(true, start);
                 }
-                let r = tokio::time::timeout(timeout, send).await;
+                // Boxed with its timer: only a pending send pays for them, and every
+                // connection's future stays the smaller.
+                let r = Box::pin(tokio::time::timeout(timeout, send)).await;
                 let end = self.state.now();
                 if let Some(s) = self.session.as_mut() {
                     s.backpressure(false, end);
@@ -1065,7 +1042,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 };
             }
         };
-        self.hold_lease(msg.channel_id, fence, sent);
+        self.hold_lease(msg.channel_id, fence, sent, ticket.inbox.clone());
         if stored != opening.stored {
             let now = self.state.now();
             let again = Opening { stored, ..opening };
@@ -1079,23 +1056,16 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 }
             }
         }
-        let Ticket {
-            token,
-            jti,
-            kick,
-            updates,
-        } = ticket;
+        let Ticket { token, jti, inbox } = ticket;
         session.admitted(token);
         self.session = Some(session);
         self.jti = jti;
-        self.kick = Some(kick);
-        self.updates = Some(updates);
+        self.inbox = Some(inbox);
         let flow = self.apply(effects).await;
         if self.session.as_ref().is_some_and(Session::is_closed) && !self.counted_active {
             // The opening voucher was not stored: no session, the channel as it was.
             self.session = None;
-            self.kick = None;
-            self.updates = None;
+            self.inbox = None;
             // The lease first: once the slot is free, another open here may take a new one.
             self.drop_lease().await;
             self.state.registry.cancel(msg.channel_id, &sid);
@@ -1124,13 +1094,19 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         self.apply(effects).await
     }
 
-    /// Keeps the lease taken by a call sent at `sent`, and has the keeper renew it.
-    fn hold_lease(&mut self, channel: alloy::primitives::B256, fence: Fence, sent: Nanos) {
+    /// Keeps the lease taken by a call sent at `sent`, and has the keeper renew it (its news
+    /// wakes `inbox`, the session's).
+    fn hold_lease(
+        &mut self,
+        channel: alloy::primitives::B256,
+        fence: Fence,
+        sent: Nanos,
+        inbox: Arc<Inbox>,
+    ) {
         let times = self.state.lease_times();
-        let (held, news) = self.state.leases.hold(channel, fence, sent, times);
+        let held = self.state.leases.hold(channel, fence, sent, times, inbox);
         self.lapsed = false;
         self.lost = false;
-        self.lease_news = Some(news);
         if self.lease.replace(held).is_none() {
             self.metrics().leases_held.fetch_add(1, Ordering::Relaxed);
         }
@@ -1141,7 +1117,6 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         let Some(lease) = self.lease.take() else {
             return;
         };
-        self.lease_news = None;
         self.lapsed = false;
         self.state.leases.forget(&lease);
         self.metrics().leases_held.fetch_sub(1, Ordering::Relaxed);
@@ -1229,7 +1204,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             }
             Err(e) => return self.store_failed(&e).await,
         };
-        self.hold_lease(channel, fence, sent);
+        self.hold_lease(channel, fence, sent, ticket.inbox.clone());
         let from_elsewhere = record.holder != self.state.instance;
         let restored = match *stored {
             Some(stored) => Session::restore(
@@ -1264,19 +1239,13 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             // Closing since it was parked: it ends when resumed.
             let _ = session.chain_update(update, now);
         }
-        let Ticket {
-            token,
-            jti,
-            kick,
-            updates,
-        } = ticket;
+        let Ticket { token, jti, inbox } = ticket;
         let effects = session.resume(token, now);
         self.state.registry.activate(channel, &record.sid);
         self.session = Some(session);
         self.jti = jti;
         self.recorded = (record.next_seq, record.request);
-        self.kick = Some(kick);
-        self.updates = Some(updates);
+        self.inbox = Some(inbox);
         self.unauthenticated.release();
         self.count_active(true);
         let m = self.metrics();
@@ -1315,6 +1284,28 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             // It expires with the resume window; a resume before then finds the channel's
             // state as it is (and a closed channel refuses it).
             debug!(%channel, "the ended session's record was not deleted: {e}");
+        }
+    }
+
+    /// What other tasks said of the session since the connection last looked, in the order the
+    /// loop used to give them: the lease keeper's news, a resume elsewhere, the chain's news.
+    async fn on_news(&mut self) -> Flow {
+        if let Some(news) = self.lease.as_ref().and_then(|l| l.take_news())
+            && let Flow::Closed = self.on_lease_news(news).await
+        {
+            return Flow::Closed;
+        }
+        let Some(taken) = self.inbox.as_ref().map(|inbox| inbox.take()) else {
+            return Flow::Continue;
+        };
+        if taken.kicked {
+            return self
+                .superseded("the session was resumed on another connection")
+                .await;
+        }
+        match taken.view {
+            Some(view) => self.on_chain(view).await,
+            None => Flow::Continue,
         }
     }
 
@@ -1402,7 +1393,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     /// process took its channel: save what is this session's to save, let the session go, and
     /// close with 4409.
     async fn superseded(&mut self, why: &str) -> Flow {
-        self.kick = None;
+        self.inbox = None;
         self.stop_request();
         // Park first, so the resuming connection gets the session without waiting for this
         // one's closing handshake.
@@ -1429,7 +1420,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return;
         };
         self.count_active(false);
-        self.updates = None;
+        self.inbox = None;
         let channel = session.channel_id();
         let sid = session.id().to_string();
         if session.is_open() {

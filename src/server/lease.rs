@@ -15,7 +15,7 @@
 //! never deliver on one channel at once, even when this one cannot reach the store.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tracing::debug;
 
+use super::inbox::Inbox;
 use crate::meter::Nanos;
 use crate::store::{ChannelStore, Fence, LeaseStatus};
 
@@ -41,6 +42,25 @@ pub(super) enum LeaseNews {
     Lost,
 }
 
+impl LeaseNews {
+    fn code(self) -> u8 {
+        match self {
+            LeaseNews::Held => 1,
+            LeaseNews::Wanted => 2,
+            LeaseNews::Lost => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(LeaseNews::Held),
+            2 => Some(LeaseNews::Wanted),
+            3 => Some(LeaseNews::Lost),
+            _ => None,
+        }
+    }
+}
+
 /// A lease held for one session.
 #[derive(Debug)]
 pub(super) struct Held {
@@ -51,7 +71,10 @@ pub(super) struct Held {
     /// Nothing is delivered on the channel from this instant (the server's clock) unless the
     /// lease is renewed before.
     deadline: AtomicU64,
-    news: watch::Sender<LeaseNews>,
+    /// The keeper's latest news of this lease not yet taken ([`LeaseNews::code`], 0 for none).
+    news: AtomicU8,
+    /// Woken when there is news.
+    inbox: Arc<Inbox>,
 }
 
 impl Held {
@@ -63,6 +86,17 @@ impl Held {
     /// When delivery stops unless the lease is renewed.
     pub fn deadline(&self) -> Nanos {
         self.deadline.load(Ordering::Acquire)
+    }
+
+    /// Takes the keeper's latest news of the lease, if there is any not yet taken.
+    pub fn take_news(&self) -> Option<LeaseNews> {
+        LeaseNews::from_code(self.news.swap(0, Ordering::AcqRel))
+    }
+
+    /// Tells the connection (only the latest news is kept, as the connection acts on it).
+    fn tell(&self, news: LeaseNews) {
+        self.news.store(news.code(), Ordering::Release);
+        self.inbox.wake();
     }
 }
 
@@ -109,23 +143,24 @@ impl LeaseKeeper {
     }
 
     /// Keeps the lease on `channel` under `fence`, taken by a call sent at `sent`, renewed from
-    /// now on; returns it with the receiver of its news.
+    /// now on; its news wakes `inbox`.
     pub fn hold(
         &self,
         channel: B256,
         fence: Fence,
         sent: Nanos,
         times: LeaseTimes,
-    ) -> (Arc<Held>, watch::Receiver<LeaseNews>) {
-        let (news, rx) = watch::channel(LeaseNews::Held);
+        inbox: Arc<Inbox>,
+    ) -> Arc<Held> {
         let held = Arc::new(Held {
             channel,
             fence,
             deadline: AtomicU64::new(times.deadline(sent)),
-            news,
+            news: AtomicU8::new(0),
+            inbox,
         });
         self.lock().insert(channel, held.clone());
-        (held, rx)
+        held
     }
 
     /// Stops renewing `held` (the session let it go).
@@ -165,13 +200,13 @@ impl LeaseKeeper {
                         let before = held.deadline.swap(times.deadline(sent), Ordering::AcqRel);
                         if before <= sent {
                             // It had lapsed: the connection paused delivery, and may go on.
-                            held.news.send_replace(LeaseNews::Held);
+                            held.tell(LeaseNews::Held);
                         }
                         true
                     }
                     Ok(news @ (LeaseStatus::Wanted | LeaseStatus::Lost)) => {
                         self.forget(&held);
-                        held.news.send_replace(if news == LeaseStatus::Wanted {
+                        held.tell(if news == LeaseStatus::Wanted {
                             LeaseNews::Wanted
                         } else {
                             LeaseNews::Lost
@@ -225,7 +260,7 @@ mod tests {
     fn the_deadline_passes_before_the_store_could_expire_the_lease() {
         let times = LeaseTimes::new(Duration::from_secs(10));
         let keeper = LeaseKeeper::default();
-        let (held, _) = keeper.hold(B256::ZERO, Fence(1), 5 * S, times);
+        let held = keeper.hold(B256::ZERO, Fence(1), 5 * S, times, Arc::default());
         // The store counts 10 s from when it received the call (at 5 s or later).
         assert!(held.valid(14 * S - 1));
         assert!(
@@ -250,8 +285,8 @@ mod tests {
         let (a, b) = (B256::repeat_byte(1), B256::repeat_byte(2));
         let (fa, _) = store.take_lease(a, "me", ttl).await.unwrap();
         let (fb, _) = store.take_lease(b, "me", ttl).await.unwrap();
-        let (held_a, mut news_a) = keeper.hold(a, fa, 0, times);
-        let (held_b, mut news_b) = keeper.hold(b, fb, 0, times);
+        let held_a = keeper.hold(a, fa, 0, times, Arc::default());
+        let held_b = keeper.hold(b, fb, 0, times, Arc::default());
         // Renewed at 5 s: the deadline moves; no news for a lease that had not lapsed.
         assert!(
             keeper
@@ -259,15 +294,15 @@ mod tests {
                 .await
         );
         assert_eq!(held_a.deadline(), 14 * S);
-        assert!(!news_a.has_changed().unwrap());
+        assert_eq!(held_a.take_news(), None);
         // Renewed at 20 s, past the deadline: the connection hears it may go on.
         assert!(
             keeper
                 .renew_all(&store, "me", times, window, || 20 * S)
                 .await
         );
-        assert!(news_a.has_changed().unwrap());
-        assert_eq!(*news_a.borrow_and_update(), LeaseNews::Held);
+        assert_eq!(held_a.take_news(), Some(LeaseNews::Held));
+        assert_eq!(held_a.take_news(), None, "taken once");
         // Another holder takes b (released here, as if it lapsed): b is lost, and forgotten.
         store.release_lease(b, "me", fb).await.unwrap();
         store.take_lease(b, "other", ttl).await.unwrap();
@@ -276,7 +311,7 @@ mod tests {
                 .renew_all(&store, "me", times, window, || 21 * S)
                 .await
         );
-        assert_eq!(*news_b.borrow_and_update(), LeaseNews::Lost);
+        assert_eq!(held_b.take_news(), Some(LeaseNews::Lost));
         assert_eq!(keeper.len(), 1);
         assert!(
             held_b.valid(21 * S),
@@ -296,8 +331,8 @@ mod tests {
     fn a_newer_lease_on_the_channel_is_not_forgotten_for_an_older_one() {
         let times = LeaseTimes::new(Duration::from_secs(10));
         let keeper = LeaseKeeper::default();
-        let (old, _) = keeper.hold(B256::ZERO, Fence(1), 0, times);
-        let (_new, _) = keeper.hold(B256::ZERO, Fence(2), 0, times);
+        let old = keeper.hold(B256::ZERO, Fence(1), 0, times, Arc::default());
+        let _new = keeper.hold(B256::ZERO, Fence(2), 0, times, Arc::default());
         keeper.forget(&old);
         assert_eq!(keeper.len(), 1);
     }

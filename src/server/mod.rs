@@ -9,6 +9,7 @@
 mod connection;
 pub mod flusher;
 pub mod guard;
+mod inbox;
 mod lease;
 pub mod metrics;
 pub mod openai;

@@ -13,12 +13,14 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use alloy::primitives::B256;
 use lru::LruCache;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::Notify;
+
+use super::inbox::Inbox;
 
 use crate::session::ChainUpdate;
 use crate::session::resume::{ResumeClaims, ResumeError, ResumeKeys};
@@ -45,9 +47,8 @@ struct Tenant {
     sid: String,
     /// The one-time id of the session's current token: only it may take the session over.
     jti: String,
-    /// Sending on it asks the connection to let the session go and close with 4409.
-    kick: Option<oneshot::Sender<()>>,
-    updates: watch::Sender<ChainView>,
+    /// The connection's news: a kick asks it to let the session go and close with 4409.
+    inbox: Arc<Inbox>,
 }
 
 #[derive(Default)]
@@ -72,17 +73,16 @@ pub struct Registry {
 }
 
 /// What a connection gets with its session: the token to give the client (and its one-time
-/// id, recorded in the store), the receiver that tells it another connection wants the
-/// session, and the chain's news of its channel.
+/// id, recorded in the store), and the inbox that tells it another connection wants the
+/// session and the chain's news of its channel.
 pub struct Ticket {
     /// The resume token.
     pub token: String,
     /// The token's one-time id.
     pub jti: String,
-    /// Fires when another connection of this process resumes this session.
-    pub kick: oneshot::Receiver<()>,
-    /// The chain's view of the channel, as the watcher updates it.
-    pub updates: watch::Receiver<ChainView>,
+    /// Kicked when another connection of this process resumes this session; the chain's view
+    /// of the channel, as the watcher updates it.
+    pub(super) inbox: Arc<Inbox>,
 }
 
 /// Why a channel cannot be reserved for an `open`.
@@ -126,21 +126,14 @@ impl Registry {
     fn ticket(&self, sid: &str, channel: B256) -> (Tenant, Ticket) {
         let jti = random_id();
         let token = self.keys.issue(sid, channel, &jti, unix_secs());
-        let (kick_tx, kick_rx) = oneshot::channel();
-        let (updates_tx, updates_rx) = watch::channel(ChainView::default());
+        let inbox = Arc::new(Inbox::default());
         (
             Tenant {
                 sid: sid.to_string(),
                 jti: jti.clone(),
-                kick: Some(kick_tx),
-                updates: updates_tx,
+                inbox: inbox.clone(),
             },
-            Ticket {
-                token,
-                jti,
-                kick: kick_rx,
-                updates: updates_rx,
-            },
+            Ticket { token, jti, inbox },
         )
     }
 
@@ -177,9 +170,7 @@ impl Registry {
                 let slot = inner.channels.entry(claims.ch).or_default();
                 match &mut slot.active {
                     Some(active) if active.sid == claims.sid && active.jti == claims.jti => {
-                        if let Some(kick) = active.kick.take() {
-                            let _ = kick.send(());
-                        }
+                        active.inbox.kick();
                     }
                     Some(active) if active.sid == claims.sid => {
                         // An older token of the live session: it must not disturb it.
@@ -266,16 +257,8 @@ impl Registry {
         let Some(slot) = inner.channels.get_mut(&channel) else {
             return;
         };
-        let tell = |updates: &watch::Sender<ChainView>| {
-            updates.send_modify(|view| match update {
-                ChainUpdate::ToppedUp { deposit } => {
-                    view.deposit = Some(view.deposit.unwrap_or(0).max(deposit));
-                }
-                closing => view.closing = Some(closing),
-            });
-        };
         for tenant in [&slot.opening, &slot.active].into_iter().flatten() {
-            tell(&tenant.updates);
+            tenant.inbox.chain(update);
         }
     }
 }

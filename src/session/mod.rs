@@ -242,7 +242,9 @@ pub struct Session {
     channel: OpenChannel,
     meter: Meter,
     phase: Phase,
-    in_flight: Option<InFlight>,
+    /// Boxed: a voucher is in flight for a millisecond or so, and an idle session keeps only
+    /// the pointer.
+    in_flight: Option<Box<InFlight>>,
     seq: u64,
     /// A `paused` message went out and no `resumed` since.
     paused_sent: bool,
@@ -254,7 +256,8 @@ pub struct Session {
     recent_vouchers: VecDeque<Nanos>,
     /// The consumption last handed to [`Effect::PersistConsumed`].
     persisted_consumed: Exact,
-    /// The current resume token (rotated on every resume).
+    /// The resume token to give in the next `session` message (rotated on every resume), moved
+    /// into that message: the session does not keep it after.
     resume_token: String,
     requests: Requests,
     /// What [`Effect::Account`] reported so far: consumed, and queued for settlement.
@@ -428,7 +431,7 @@ impl Session {
             channel,
             meter,
             phase: Phase::Opening,
-            in_flight: Some(InFlight::Storing(opening.voucher)),
+            in_flight: Some(Box::new(InFlight::Storing(opening.voucher))),
             seq: 0,
             paused_sent: false,
             voucher_deadline: None,
@@ -581,7 +584,7 @@ impl Session {
         let accepted = *self.channel.accepted();
         let message = ServerMessage::Session {
             session_id: self.id.clone(),
-            resume_token: self.resume_token.clone(),
+            resume_token: std::mem::take(&mut self.resume_token),
             channel_id: self.channel.info().id,
             nonce: accepted.nonce,
             cumulative: accepted.cumulative,
@@ -629,7 +632,7 @@ impl Session {
 
     /// The signature check of [`Effect::Verify`] finished.
     pub fn verified(&mut self, result: Result<VerifiedState, ChannelError>) -> Vec<Effect> {
-        let Some(InFlight::Verifying(voucher)) = self.in_flight.take() else {
+        let Some(InFlight::Verifying(voucher)) = self.in_flight.take().map(|b| *b) else {
             return Vec::new();
         };
         let checked = result.and_then(|v| {
@@ -647,7 +650,7 @@ impl Session {
                     channel_id: self.channel_id(),
                     voucher: stored_voucher(v.signed()),
                 };
-                self.in_flight = Some(InFlight::Storing(v));
+                self.in_flight = Some(Box::new(InFlight::Storing(v)));
                 vec![effect]
             }
             Err(e) => vec![error(
@@ -661,7 +664,7 @@ impl Session {
 
     /// The store answered a [`Effect::Persist`].
     pub fn persisted(&mut self, result: Result<(), StoreError>, now: Nanos) -> Vec<Effect> {
-        let Some(InFlight::Storing(voucher)) = self.in_flight.take() else {
+        let Some(InFlight::Storing(voucher)) = self.in_flight.take().map(|b| *b) else {
             return Vec::new();
         };
         match result {
@@ -1169,7 +1172,7 @@ impl Session {
         });
         match checked {
             Ok(voucher) => {
-                self.in_flight = Some(InFlight::Verifying(voucher.clone()));
+                self.in_flight = Some(Box::new(InFlight::Verifying(voucher.clone())));
                 vec![Effect::Verify {
                     payer: self.channel.info().payer,
                     domain: *self.channel.domain(),
