@@ -1,5 +1,7 @@
 //! The acceptance rules of DESIGN.md section 2, as a pure state machine on an open channel.
 
+use std::sync::{Arc, Mutex};
+
 use alloy::primitives::{Address, B256, Signature};
 
 use super::error::ChannelError;
@@ -140,12 +142,32 @@ pub struct AcceptedState {
     pub signature: Option<Signature>,
 }
 
+/// Domains kept for sharing (a server signs under one).
+const SHARED_DOMAINS: usize = 16;
+
+/// `domain`, shared by every open channel under it: an idle session keeps a pointer instead of
+/// 64 bytes (docs/SERVER.md, "Memory of an idle session").
+fn shared_domain(domain: ChannelDomain) -> Arc<ChannelDomain> {
+    static SHARED: Mutex<Vec<Arc<ChannelDomain>>> = Mutex::new(Vec::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = shared.iter().find(|d| ***d == domain) {
+        return d.clone();
+    }
+    let d = Arc::new(domain);
+    if shared.len() >= SHARED_DOMAINS {
+        shared.remove(0);
+    }
+    shared.push(d.clone());
+    d
+}
+
 /// An open channel, for this server's payee and token, and the last state accepted on it.
 ///
 /// [`OpenChannel::accept`] is the only way the accepted state moves, and it moves only forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenChannel {
-    domain: ChannelDomain,
+    /// Shared by the channels under one domain.
+    domain: Arc<ChannelDomain>,
     info: ChannelInfo,
     accepted: AcceptedState,
 }
@@ -189,7 +211,7 @@ impl OpenChannel {
             signature: None,
         };
         Ok(Self {
-            domain,
+            domain: shared_domain(domain),
             info,
             accepted,
         })
@@ -303,7 +325,7 @@ impl OpenChannel {
     /// Every rule, for a voucher whose signature was already checked: it must have been
     /// checked against this channel's payer under this channel's domain.
     pub fn check_verified(&self, voucher: &VerifiedState) -> Result<B256, ChannelError> {
-        if voucher.payer != self.info.payer || voucher.domain != self.domain {
+        if voucher.payer != self.info.payer || voucher.domain != *self.domain {
             return Err(ChannelError::InvalidSignature(
                 SignatureError::WrongSigner {
                     expected: self.info.payer,

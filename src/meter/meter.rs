@@ -27,23 +27,42 @@ const RECHECK_NS: u64 = 10_000_000;
 /// one interval of grace.
 pub const DEFAULT_LIVENESS_NS: u64 = 10_000_000_000;
 
-/// Tariffs whose rates are kept for sharing (a server has one per resource).
-const SHARED_RATES: usize = 16;
+/// Terms kept for sharing (a server has a tariff per resource and one configuration).
+const SHARED_TERMS: usize = 16;
 
-/// The rates of `tariff`, compiled once and shared by every meter on it: an idle session keeps
-/// a pointer instead of 160 bytes (docs/SERVER.md, "Memory of an idle session").
-fn shared_rates(tariff: &Tariff) -> Result<Arc<Rates>, TariffError> {
-    static SHARED: Mutex<Vec<(Tariff, Arc<Rates>)>> = Mutex::new(Vec::new());
+/// What every meter of one tariff and configuration shares: the compiled rates and the
+/// configuration (less the round trip, which each session measures).
+#[derive(Debug, PartialEq, Eq)]
+struct Terms {
+    rates: Rates,
+    config: MeterConfig,
+}
+
+/// The terms of `tariff` under `config`, compiled once and shared by every meter on them: an
+/// idle session keeps a pointer instead of 224 bytes (docs/SERVER.md, "Memory of an idle
+/// session").
+fn shared_terms(tariff: &Tariff, config: MeterConfig) -> Result<Arc<Terms>, TariffError> {
+    static SHARED: Mutex<Vec<(Tariff, Arc<Terms>)>> = Mutex::new(Vec::new());
+    let config = MeterConfig {
+        rtt_ns: 0,
+        ..config
+    };
     let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, rates)) = shared.iter().find(|(t, _)| t == tariff) {
-        return Ok(rates.clone());
+    if let Some((_, terms)) = shared
+        .iter()
+        .find(|(t, terms)| t == tariff && terms.config == config)
+    {
+        return Ok(terms.clone());
     }
-    let rates = Arc::new(tariff.rates()?);
-    if shared.len() >= SHARED_RATES {
+    let terms = Arc::new(Terms {
+        rates: tariff.rates()?,
+        config,
+    });
+    if shared.len() >= SHARED_TERMS {
         shared.remove(0);
     }
-    shared.push((*tariff, rates.clone()));
-    Ok(rates)
+    shared.push((*tariff, terms.clone()));
+    Ok(terms)
 }
 
 /// When to ask for credit, and how much.
@@ -134,9 +153,10 @@ pub struct Usage {
 /// changes nothing, so consumption never exceeds the cumulative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {
-    /// Shared by the meters of one tariff.
-    rates: Arc<Rates>,
-    config: MeterConfig,
+    /// The rates and the configuration, shared by the meters of one tariff and configuration.
+    terms: Arc<Terms>,
+    /// The client's round trip (ns), as configured until the session measures it.
+    rtt_ns: u64,
     /// Consumption times `D`.
     scaled: U256,
     /// Cumulative times `D`.
@@ -180,11 +200,11 @@ impl Meter {
         cumulative: u128,
         now: Nanos,
     ) -> Result<Self, TariffError> {
-        let rates = shared_rates(tariff)?;
+        let terms = shared_terms(tariff, config)?;
         Ok(Self {
-            limit: U256::from(cumulative) * rates.denominator,
-            rates,
-            config,
+            limit: U256::from(cumulative) * terms.rates.denominator,
+            terms,
+            rtt_ns: config.rtt_ns,
             scaled: U256::ZERO,
             cumulative,
             messages: 0,
@@ -217,7 +237,9 @@ impl Meter {
         now: Nanos,
     ) -> Result<Self, TariffError> {
         let mut meter = Self::new(tariff, config, cumulative.max(consumed.ceil()), now)?;
-        meter.scaled = consumed.scaled_to(meter.rates.denominator).min(meter.limit);
+        meter.scaled = consumed
+            .scaled_to(meter.terms.rates.denominator)
+            .min(meter.limit);
         meter.window_start.1 = meter.scaled;
         Ok(meter)
     }
@@ -240,7 +262,7 @@ impl Meter {
         let dt = end - self.accrued_to;
         // Saturating, as every cost here: a weight (up to 2^248) times a count can pass 2^256,
         // and a wrapped product would charge almost nothing (a saturated one is above any room).
-        let cost = self.rates.nanosecond.saturating_mul(U256::from(dt));
+        let cost = self.terms.rates.nanosecond.saturating_mul(U256::from(dt));
         let room = self.limit - self.scaled;
         if cost <= room {
             self.scaled += cost;
@@ -248,8 +270,8 @@ impl Meter {
             self.accrued_to = end;
         } else {
             // cost > room >= 0 implies a non-zero rate; the affordable part is < dt.
-            let affordable: u64 = (room / self.rates.nanosecond).to();
-            self.scaled += self.rates.nanosecond * U256::from(affordable);
+            let affordable: u64 = (room / self.terms.rates.nanosecond).to();
+            self.scaled += self.terms.rates.nanosecond * U256::from(affordable);
             self.charged_ns += affordable;
             self.accrued_to += affordable;
             self.pauses |= PauseReason::Exhausted as u8;
@@ -270,7 +292,7 @@ impl Meter {
 
     /// The client connected (or reconnected): the clock runs while it stays alive.
     pub fn connect(&mut self, now: Nanos) {
-        let liveness = self.config.liveness_ns;
+        let liveness = self.terms.config.liveness_ns;
         self.transition(now, |m| {
             m.connected = true;
             m.live_until = now.saturating_add(liveness);
@@ -290,7 +312,7 @@ impl Meter {
         if self.running() && now > self.live_until {
             self.accrued_to = now;
         }
-        self.live_until = now.saturating_add(self.config.liveness_ns);
+        self.live_until = now.saturating_add(self.terms.config.liveness_ns);
     }
 
     /// Stops the clock for `reason`.
@@ -334,10 +356,10 @@ impl Meter {
     /// instant in the past once liveness lapsed, and the session woke about a thousand times a
     /// second.)
     pub fn exhausted_at(&self) -> Option<Nanos> {
-        if !self.running() || self.rates.nanosecond.is_zero() {
+        if !self.running() || self.terms.rates.nanosecond.is_zero() {
             return None;
         }
-        let room = (self.limit - self.scaled) / self.rates.nanosecond;
+        let room = (self.limit - self.scaled) / self.terms.rates.nanosecond;
         let room: u64 = room.try_into().unwrap_or(u64::MAX);
         let at = self.accrued_to.saturating_add(room);
         (at < self.live_until).then_some(at)
@@ -365,10 +387,11 @@ impl Meter {
             });
         }
         let cost = self
+            .terms
             .rates
             .byte_out
             .saturating_mul(U256::from(bytes))
-            .saturating_add(self.rates.message);
+            .saturating_add(self.terms.rates.message);
         if let Err(error) = self.charge(cost) {
             self.pauses |= PauseReason::Exhausted as u8;
             return Err(error);
@@ -383,7 +406,7 @@ impl Meter {
     /// them (the request is not processed) and changes nothing.
     pub fn try_bytes_in(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
         self.accrue(now.max(self.accrued_to));
-        self.charge(self.rates.byte_in.saturating_mul(U256::from(bytes)))?;
+        self.charge(self.terms.rates.byte_in.saturating_mul(U256::from(bytes)))?;
         self.bytes_in += bytes;
         self.window_events += 1;
         Ok(())
@@ -395,9 +418,9 @@ impl Meter {
     /// refuses it and changes nothing.
     pub fn try_request(&mut self, bytes: u64, now: Nanos) -> Result<(), MeterError> {
         self.accrue(now.max(self.accrued_to));
-        let cost = self.rates.byte_in.saturating_mul(U256::from(bytes));
+        let cost = self.terms.rates.byte_in.saturating_mul(U256::from(bytes));
         let after = self.scaled.saturating_add(cost);
-        if after >= self.limit || self.limit - after < self.rates.message {
+        if after >= self.limit || self.limit - after < self.terms.rates.message {
             return Err(MeterError::Exhausted {
                 remaining: self.remaining(),
             });
@@ -422,7 +445,7 @@ impl Meter {
         if cumulative == self.cumulative {
             return Ok(());
         }
-        let denominator = self.rates.denominator;
+        let denominator = self.terms.rates.denominator;
         self.transition(now, |m| {
             m.cumulative = cumulative;
             m.limit = U256::from(cumulative) * denominator;
@@ -454,7 +477,9 @@ impl Meter {
     /// Raises the consumption to `consumed` (carried over from a session this one takes over),
     /// within the accepted cumulative; never lowers it.
     pub fn raise_consumed(&mut self, consumed: Exact) {
-        let scaled = consumed.scaled_to(self.rates.denominator).min(self.limit);
+        let scaled = consumed
+            .scaled_to(self.terms.rates.denominator)
+            .min(self.limit);
         if scaled > self.scaled {
             self.window_start.1 += scaled - self.scaled;
             self.scaled = scaled;
@@ -463,7 +488,7 @@ impl Meter {
 
     /// Sets the measured round trip to the client.
     pub fn set_rtt(&mut self, rtt_ns: u64) {
-        self.config.rtt_ns = rtt_ns;
+        self.rtt_ns = rtt_ns;
     }
 
     /// The burn rate as (scaled consumption, nanoseconds): the faster of the current and the
@@ -515,7 +540,6 @@ impl Meter {
         // client whose window is smaller than the asking threshold would otherwise be asked
         // again the moment its voucher lands, and sign in a loop.
         let spacing = self
-            .config
             .rtt_ns
             .max(MIN_RTT_NS)
             .saturating_mul(2)
@@ -535,10 +559,9 @@ impl Meter {
         }
         let (burned, over_ns) = self.burn_rate(now);
         let horizon = self
-            .config
             .rtt_ns
             .max(MIN_RTT_NS)
-            .saturating_add(self.config.margin_ns);
+            .saturating_add(self.terms.config.margin_ns);
         let expected = if over_ns == 0 {
             U256::ZERO
         } else {
@@ -547,12 +570,15 @@ impl Meter {
         // Whatever was measured, ask before the next message or the next horizon of time
         // could not be paid.
         let time_floor = if self.running() {
-            self.rates.nanosecond.saturating_mul(U256::from(horizon))
+            self.terms
+                .rates
+                .nanosecond
+                .saturating_mul(U256::from(horizon))
         } else {
             U256::ZERO
         };
-        let floor = (U256::from(self.config.min_threshold) * self.rates.denominator)
-            .max(self.rates.message)
+        let floor = (U256::from(self.terms.config.min_threshold) * self.terms.rates.denominator)
+            .max(self.terms.rates.message)
             .max(time_floor);
         let threshold = expected.max(floor);
         if room >= threshold && !self.is_paused(PauseReason::Exhausted) {
@@ -581,10 +607,10 @@ impl Meter {
         let consumed = self.consumed();
         // The step is at least twice the asking threshold: a window smaller than what the
         // client uses in one round trip would have it signing again as soon as it signed.
-        let d = self.rates.denominator;
+        let d = self.terms.rates.denominator;
         let threshold = self.ask_step.saturating_mul(U256::from(2u8));
         let burn_step: u128 = threshold.div_ceil(d).try_into().unwrap_or(u128::MAX);
-        let window = self.config.credit_window.max(1).max(burn_step);
+        let window = self.terms.config.credit_window.max(1).max(burn_step);
         let mut suggested = consumed.saturating_add(window);
         if suggested <= self.cumulative {
             suggested = self.cumulative.saturating_add(window);
@@ -605,7 +631,7 @@ impl Meter {
 
     /// Consumption so far, rounded up to whole base units: what settling now would take.
     pub fn consumed(&self) -> u128 {
-        let d = self.rates.denominator;
+        let d = self.terms.rates.denominator;
         let whole = self.scaled / d;
         let ceil = if (self.scaled % d).is_zero() {
             whole
@@ -619,13 +645,13 @@ impl Meter {
     pub fn exact_consumed(&self) -> Exact {
         Exact {
             numerator: self.scaled,
-            denominator: self.rates.denominator,
+            denominator: self.terms.rates.denominator,
         }
     }
 
     /// Whole base units left under the cumulative (rounded down).
     pub fn remaining(&self) -> u128 {
-        ((self.limit - self.scaled) / self.rates.denominator).to()
+        ((self.limit - self.scaled) / self.terms.rates.denominator).to()
     }
 
     /// The accepted cumulative.
@@ -635,7 +661,7 @@ impl Meter {
 
     /// The compiled tariff.
     pub fn rates(&self) -> &Rates {
-        &self.rates
+        &self.terms.rates
     }
 
     /// A snapshot for the `usage` message.

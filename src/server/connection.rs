@@ -7,29 +7,31 @@
 //! the shutdown), and a connection without a session is closed after a few errors.
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, OptionFuture};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{
+    CloseCode as WsCloseCode, Data, OpCode,
+};
 use tracing::{debug, warn};
 
-use super::ServerState;
 use super::guard::Unauthenticated;
 use super::inbox::Inbox;
 use super::lease::{Held, LeaseNews};
 use super::metrics::Metrics;
 use super::registry::{ChainView, Refusal, Ticket};
 use super::resource::{Ended, Resource, Unit};
+use super::{ServerState, Shutdown};
 use crate::chain::{ChannelChain, Claim};
 use crate::channel::{ChannelError, Close, signature};
 use crate::meter::Nanos;
@@ -50,6 +52,14 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// to amortize the loop, few enough that a voucher never waits behind a long burst.
 const BATCH_UNITS: usize = 32;
 
+/// The longest frame a protocol message goes out in, its 4-byte header included: a longer
+/// message (the `session` message, about 630 bytes with its resume token) is sent in fragments
+/// (RFC 6455 5.4; every client library reassembles them). tungstenite's write buffer keeps the
+/// capacity of the largest frame written for the connection's life, so this keeps an idle
+/// session's at 320 bytes instead of 640. `app` frames are not fragmented: they are the
+/// resource's, and a large one written whole costs one write instead of several.
+const MAX_PROTOCOL_FRAME: usize = 320;
+
 /// How long a closing connection waits for the client's Close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
@@ -68,14 +78,14 @@ struct Connection<C, S> {
     units: Option<mpsc::Receiver<Unit>>,
     producer: Option<JoinHandle<Ended>>,
     /// A unit taken from the queue that could not be paid for yet.
-    held: Option<Unit>,
+    held: Option<Box<Unit>>,
     last_inbound: Nanos,
     /// The session's news: another connection resumed it (close with 4409), the chain's news
     /// of its channel, the lease keeper's (taken from `lease`).
     inbox: Option<Arc<Inbox>>,
-    /// Counts this connection against its address until it has a session.
+    /// Counts this connection against its address until it has a session (and knows the
+    /// address).
     unauthenticated: Arc<Unauthenticated>,
-    ip: IpAddr,
     /// `open`s of this connection refused after their signature was checked.
     failed_opens: u32,
     /// `error`s sent while the connection had no session.
@@ -95,6 +105,10 @@ struct Connection<C, S> {
     /// What the session record holds of the session's progress (`seq`, request), as last
     /// written.
     recorded: (u64, Option<u64>),
+    /// The server's stop.
+    stop: Arc<Shutdown>,
+    /// The connection's slot, held until it ends.
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The connection, to run until it closes: built here, outside its future, so that the
@@ -104,11 +118,10 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     ws: Ws,
     resource: Arc<dyn Resource>,
     unauthenticated: Arc<Unauthenticated>,
-    stop: watch::Receiver<bool>,
+    stop: Arc<Shutdown>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let now = state.now();
-    let ip = unauthenticated.ip();
     let conn = Connection {
         state,
         ws,
@@ -120,7 +133,6 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         last_inbound: now,
         inbox: None,
         unauthenticated,
-        ip,
         failed_opens: 0,
         errors_without_session: 0,
         counted_active: false,
@@ -129,35 +141,41 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         lost: false,
         jti: String::new(),
         recorded: (0, None),
+        stop,
+        _permit: permit,
     };
     let mut conn = conn;
     // The block holds the connection; its loop borrows it there (an `async fn` taking `self`
     // would keep it twice: the argument and the local it is moved into).
-    async move { conn.serve(stop, permit, now).await }
+    async move { conn.serve().await }
 }
 
 impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     /// The connection's loop, until it closes.
-    async fn serve(
-        &mut self,
-        mut stop: watch::Receiver<bool>,
-        permit: Arc<tokio::sync::OwnedSemaphorePermit>,
-        now: Nanos,
-    ) {
-        // The connection's slot, held until it ends.
-        let _permit = permit;
+    async fn serve(&mut self) {
         let conn = self;
-        let handshake_timeout_ms = conn.state.limits.handshake_timeout_ms;
-        let idle_timeout_ms = conn.state.limits.idle_timeout_ms;
+        let now = conn.last_inbound;
+        let stop = conn.stop.clone();
         // The heartbeat's Ping is one more deadline of the connection's one timer (a timer of
         // its own would be another allocation and timer entry in every idle connection).
-        let heartbeat = conn.state.params.heartbeat_ms.max(1) * 1_000_000;
-        let mut next_ping = now + heartbeat;
-        let opened_by = now + handshake_timeout_ms * 1_000_000;
-        let sleep = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(sleep);
+        // (Settings are read where they are used: every local kept across the loop's awaits
+        // is in every connection's future.)
+        let heartbeat = |conn: &Self| conn.state.params.heartbeat_ms.max(1) * 1_000_000;
+        let mut next_ping = now + heartbeat(conn);
+        let opened_by = now + conn.state.limits.handshake_timeout_ms * 1_000_000;
+        // The connection's one timer, boxed: its 112 bytes in the future would put the task
+        // (the future and tokio's 112 bytes around it) over 2,048 bytes, into the allocator's
+        // next size class, 512 bytes larger.
+        let mut sleep = Box::pin(tokio::time::sleep(Duration::ZERO));
         let mut armed: Nanos = 0;
         loop {
+            // Made before the flag is read: a stop after the read wakes it.
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            if stop.stopping() {
+                Box::pin(conn.shutdown()).await;
+                break;
+            }
             // Deliver what can be paid for before waiting on anything else (rare: a unit held
             // for want of credit, then paid for; boxed, so its state is not in every future).
             if conn.held.is_some()
@@ -181,7 +199,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 (Some(w), Some(l)) => Some(w.min(l)),
                 (w, l) => w.or(l),
             };
-            let idle_at = conn.last_inbound + idle_timeout_ms * 1_000_000;
+            let idle_at = conn.last_inbound + conn.state.limits.idle_timeout_ms * 1_000_000;
             let wake = wake.map_or(idle_at, |w| w.min(idle_at)).min(next_ping);
             // One timer for the connection, moved only when the next deadline is earlier than the
             // armed one or the armed one has passed (waking early is harmless: tick does nothing).
@@ -210,8 +228,10 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 biased;
                 // The rare paths are boxed: their state is allocated when they run, not kept in
                 // every connection's future.
-                _ = stop.changed() => Box::pin(conn.shutdown()).await,
-                () = news(conn.inbox.as_deref()) => Box::pin(conn.on_news()).await,
+                () = &mut stopped => Box::pin(conn.shutdown()).await,
+                Some(()) = OptionFuture::from(conn.inbox.as_deref().map(Inbox::notified)) => {
+                    Box::pin(conn.on_news()).await
+                }
                 // A frame from the client (a voucher, a Pong: far rarer than units out).
                 inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
                 // The timer before the units: it is rarely ready, and a resource that keeps the
@@ -221,9 +241,10 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     armed = 0;
                     let now = conn.state.now();
                     if now >= next_ping {
-                        next_ping = now + heartbeat;
+                        next_ping = now + heartbeat(conn);
                         let payload = now.to_be_bytes().to_vec();
-                        match conn.send(Message::Ping(payload.into())).await {
+                        // Boxed, as every path but the units': once a heartbeat.
+                        match Box::pin(conn.send(Message::Ping(payload.into()))).await {
                             Ok(()) => Box::pin(conn.on_timer()).await,
                             Err(()) => Flow::Closed,
                         }
@@ -240,13 +261,6 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         }
         conn.stop_request();
         Box::pin(conn.release()).await;
-    }
-}
-
-async fn news(inbox: Option<&Inbox>) {
-    match inbox {
-        Some(inbox) => inbox.wait().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -318,6 +332,30 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         result.map_err(|e| debug!("send failed: {e}"))
     }
 
+    /// Sends a protocol message: in one frame, or in fragments of at most
+    /// [`MAX_PROTOCOL_FRAME`] bytes when it is longer.
+    async fn send_protocol(&mut self, message: &ServerMessage) -> Result<(), ()> {
+        const PAYLOAD: usize = MAX_PROTOCOL_FRAME - 4;
+        let text = encode_server(message);
+        if text.len() <= PAYLOAD {
+            return self.send(Message::Text(text.into())).await;
+        }
+        let bytes = tokio_tungstenite::tungstenite::Bytes::from(text);
+        let mut start = 0;
+        while start < bytes.len() {
+            let end = (start + PAYLOAD).min(bytes.len());
+            let opcode = if start == 0 {
+                OpCode::Data(Data::Text)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let fragment = Frame::message(bytes.slice(start..end), opcode, end == bytes.len());
+            self.send(Message::Frame(fragment)).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
     async fn close(&mut self, code: CloseCode, reason: &str) -> Flow {
         let frame = CloseFrame {
             code: WsCloseCode::from(code.as_u16()),
@@ -381,11 +419,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                         _ => {}
                     }
                     let ended = matches!(message, ServerMessage::End { .. });
-                    if self
-                        .send(Message::Text(encode_server(&message).into()))
-                        .await
-                        .is_err()
-                    {
+                    if self.send_protocol(&message).await.is_err() {
                         // The session is suspended and parked when the connection ends.
                         broken = true;
                     } else if ended {
@@ -709,7 +743,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         if self.held.is_none() || !self.session.as_ref().is_some_and(Session::can_deliver) {
             return Flow::Continue;
         }
-        let unit = self.held.take().expect("checked");
+        let unit = *self.held.take().expect("checked");
         self.on_unit(Some(unit)).await
     }
 
@@ -767,7 +801,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 }
             }
             Err(effects) => {
-                self.held = Some(unit);
+                self.held = Some(Box::new(unit));
                 self.apply(effects).await
             }
         }
@@ -905,7 +939,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     fn failed_open(&mut self, against_address: bool) {
         self.failed_opens += 1;
         if against_address {
-            self.state.guards.failed_open(self.ip);
+            self.state.guards.failed_open(self.unauthenticated.ip());
         }
     }
 
@@ -917,10 +951,10 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
     async fn on_open(&mut self, msg: SignedStateMsg) -> Flow {
         let limits = &self.state.limits;
         if self.failed_opens >= limits.max_failed_opens_per_connection
-            || !self
-                .state
-                .guards
-                .may_open(self.ip, limits.max_failed_opens_per_ip_per_min)
+            || !self.state.guards.may_open(
+                self.unauthenticated.ip(),
+                limits.max_failed_opens_per_ip_per_min,
+            )
         {
             let effects = vec![
                 Effect::Send(error_message(
@@ -1400,11 +1434,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         self.release().await;
         let error = error_message("session_superseded", why, false);
         self.metrics().rejected("session_superseded");
-        if self
-            .send(Message::Text(encode_server(&error).into()))
-            .await
-            .is_err()
-        {
+        if self.send_protocol(&error).await.is_err() {
             return Flow::Closed;
         }
         self.close(CloseCode::SessionSuperseded, "session superseded")

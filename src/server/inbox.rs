@@ -15,6 +15,7 @@
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 use super::registry::ChainView;
 use crate::session::ChainUpdate;
@@ -77,10 +78,10 @@ impl Inbox {
         self.wake.notify_one();
     }
 
-    /// Returns once something was said since the last wait returned (at once if it was said
-    /// while the connection was not waiting).
-    pub async fn wait(&self) {
-        self.wake.notified().await;
+    /// Completes once something was said since the last wait completed (at once if it was
+    /// said while the connection was not waiting).
+    pub fn notified(&self) -> Notified<'_> {
+        self.wake.notified()
     }
 
     /// Takes what was said since the last take.
@@ -103,7 +104,7 @@ mod tests {
         inbox.chain(ChainUpdate::ToppedUp { deposit: 5 });
         inbox.chain(ChainUpdate::ToppedUp { deposit: 3 });
         // Said while nobody waited: the wait returns at once.
-        inbox.wait().await;
+        inbox.notified().await;
         assert_eq!(
             inbox.take(),
             Taken {
@@ -118,7 +119,7 @@ mod tests {
         assert_eq!(inbox.take(), Taken::default(), "taken once");
         inbox.kick();
         inbox.chain(ChainUpdate::WithdrawRequested);
-        inbox.wait().await;
+        inbox.notified().await;
         let taken = inbox.take();
         assert!(taken.kicked);
         assert_eq!(

@@ -59,10 +59,12 @@ use verify::Verifier;
 /// connection over it is answered at once (503 with `Retry-After`; `/healthz` and `/metrics`
 /// as usual), never left in the kernel's queue.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
-/// The WebSocket read buffer of a session: 512 bytes hold a voucher, a close or a short request
-/// (a longer frame is read in several chunks, and the buffer grows for it), and an idle session
-/// keeps no more than that resident for reading.
-pub const WS_READ_BUFFER_BYTES: usize = 512;
+/// The WebSocket read buffer of a session. tungstenite reserves a frame's whole length again
+/// once it has its header, even when the frame was read with it: an `open` or a `voucher` (about
+/// 280 bytes with its header) needs 560 bytes, and a 512-byte buffer doubled to 1,024 on the
+/// first one (measured with heaptrack: 1,014 bytes a session). 640 bytes hold them without
+/// growing; a longer frame is read in several chunks, and the buffer grows for it.
+pub const WS_READ_BUFFER_BYTES: usize = 640;
 /// Units a resource may produce ahead of delivery (the per-session outbound queue).
 pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
 /// A client must send `open` within 10 s of connecting.
@@ -427,10 +429,38 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     has(CONNECTION, "upgrade") && has(UPGRADE, "websocket")
 }
 
+/// The server's stop, as its connections wait on it: a flag and one [`Notify`]. (A watch
+/// receiver's `changed()` future is about twice a `Notified`'s size, and every connection's
+/// future holds one.)
+#[derive(Debug, Default)]
+pub(crate) struct Shutdown {
+    stopping: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Shutdown {
+    /// Stops: every connection sees it, waiting or not.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether the server is stopping.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Completes at the stop, if it was made before it (then read [`Shutdown::stopping`]
+    /// after making it: a stop in between is not missed).
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
 async fn handle<C: ChannelChain, S: ChannelStore + SettlementStore>(
     mut req: Request<Incoming>,
     state: Arc<ServerState<C, S>>,
-    stop: watch::Receiver<bool>,
+    stop: Arc<Shutdown>,
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
     peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
@@ -629,6 +659,7 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(state.limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = Arc::new(Shutdown::default());
     let mut tasks = JoinSet::new();
     // The chain's news is read from the block the server starts at, before any `open`'s chain
     // read: no event between the two is missed.
@@ -691,7 +722,7 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
             }
             continue;
         };
-        let stop = stop_rx.clone();
+        let stop = stopping.clone();
         let permit = Arc::new(permit);
         tasks.spawn(async move {
             let service = service_fn(move |req| {
@@ -710,6 +741,7 @@ pub async fn run<C: ChannelChain + 'static, S: ChannelStore + SettlementStore>(
     }
     info!("shutting down: closing sessions with 1001");
     let _ = stop_tx.send(true);
+    stopping.stop();
     let drain = Duration::from_millis(state.limits.drain_timeout_ms);
     // Sessions hold a connection permit each; all permits back means all sessions closed.
     let all = u32::try_from(state.limits.max_connections).unwrap_or(u32::MAX);

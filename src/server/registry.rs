@@ -42,11 +42,24 @@ pub struct ChainView {
     pub closing: Option<ChainUpdate>,
 }
 
+/// A session id or a token id as the registry keeps it: 16 bytes of its hash, in place of the
+/// string and its allocation (the ids are random, so equal digests mean equal ids).
+type Digest = [u8; 16];
+
+fn digest(id: &str) -> Digest {
+    let hash = alloy::primitives::keccak256(id.as_bytes());
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&hash[..16]);
+    d
+}
+
 /// A session on a connection, or being admitted to one.
 struct Tenant {
-    sid: String,
-    /// The one-time id of the session's current token: only it may take the session over.
-    jti: String,
+    /// The session id's digest.
+    sid: Digest,
+    /// The digest of the one-time id of the session's current token: only it may take the
+    /// session over.
+    jti: Digest,
     /// The connection's news: a kick asks it to let the session go and close with 4409.
     inbox: Arc<Inbox>,
 }
@@ -129,8 +142,8 @@ impl Registry {
         let inbox = Arc::new(Inbox::default());
         (
             Tenant {
-                sid: sid.to_string(),
-                jti: jti.clone(),
+                sid: digest(sid),
+                jti: digest(&jti),
                 inbox: inbox.clone(),
             },
             Ticket { token, jti, inbox },
@@ -160,6 +173,7 @@ impl Registry {
     /// waits until it has. The ticket carries the next token.
     pub async fn reserve_resume(&self, token: &str) -> Result<(ResumeClaims, Ticket), ResumeError> {
         let claims = self.keys.verify(token)?;
+        let (sid, jti) = (digest(&claims.sid), digest(&claims.jti));
         let deadline = tokio::time::Instant::now() + TAKEOVER;
         loop {
             let released = self.released.notified();
@@ -169,10 +183,10 @@ impl Registry {
                 let mut inner = self.lock();
                 let slot = inner.channels.entry(claims.ch).or_default();
                 match &mut slot.active {
-                    Some(active) if active.sid == claims.sid && active.jti == claims.jti => {
+                    Some(active) if active.sid == sid && active.jti == jti => {
                         active.inbox.kick();
                     }
-                    Some(active) if active.sid == claims.sid => {
+                    Some(active) if active.sid == sid => {
                         // An older token of the live session: it must not disturb it.
                         return Err(ResumeError::BadToken("token already used"));
                     }
@@ -205,6 +219,7 @@ impl Registry {
         let Some(slot) = inner.channels.get_mut(&channel) else {
             return;
         };
+        let sid = digest(sid);
         if slot.opening.as_ref().is_some_and(|o| o.sid == sid) {
             slot.opening = None;
             if slot.active.is_none() {
@@ -219,6 +234,7 @@ impl Registry {
         let Some(slot) = inner.channels.get_mut(&channel) else {
             return;
         };
+        let sid = digest(sid);
         if let Some(opening) = slot.opening.take_if(|o| o.sid == sid) {
             slot.active = Some(opening);
         }
@@ -231,6 +247,7 @@ impl Registry {
         let Some(slot) = inner.channels.get_mut(&channel) else {
             return;
         };
+        let sid = digest(sid);
         if slot.active.as_ref().is_some_and(|a| a.sid == sid) {
             slot.active = None;
             if slot.opening.is_none() {
