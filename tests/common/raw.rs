@@ -16,6 +16,9 @@ pub struct Raw {
     pub close_code: Option<u16>,
     /// Ping payloads received and not answered.
     pub pings: Vec<Vec<u8>>,
+    /// A fragmented message being received: its opcode and the payload so far (the server
+    /// sends protocol messages over 316 bytes in fragments).
+    fragments: Option<(u8, Vec<u8>)>,
 }
 
 /// A frame from the server.
@@ -48,6 +51,7 @@ impl Raw {
             stream,
             close_code: None,
             pings: Vec::new(),
+            fragments: None,
         }
     }
 
@@ -105,10 +109,45 @@ impl Raw {
             .unwrap();
     }
 
-    /// The next frame, or `None` when the connection ended.
+    /// The next frame (a fragmented message whole, as its last fragment arrives; a control
+    /// frame between its fragments as it comes), or `None` when the connection ended.
     pub async fn frame_in(&mut self) -> Option<Frame> {
+        loop {
+            let (fin, opcode, payload) = self.wire_frame().await?;
+            let (opcode, payload) = match opcode {
+                0x0 => {
+                    let (first, mut so_far) = self
+                        .fragments
+                        .take()
+                        .expect("a continuation frame follows a first fragment");
+                    so_far.extend_from_slice(&payload);
+                    (first, so_far)
+                }
+                0x1 | 0x2 => {
+                    assert!(
+                        self.fragments.is_none(),
+                        "a new message inside a fragmented one"
+                    );
+                    (opcode, payload)
+                }
+                _ => {
+                    assert!(fin, "control frames are never fragmented");
+                    (opcode, payload)
+                }
+            };
+            if !fin {
+                self.fragments = Some((opcode, payload));
+                continue;
+            }
+            return Some(Self::frame_of(opcode, payload));
+        }
+    }
+
+    /// One frame off the wire: its FIN bit, opcode and payload.
+    async fn wire_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
         let mut head = [0u8; 2];
         self.stream.read_exact(&mut head).await.ok()?;
+        let fin = head[0] & 0x80 != 0;
         let opcode = head[0] & 0x0f;
         let len = match head[1] & 0x7f {
             126 => {
@@ -125,7 +164,11 @@ impl Raw {
         };
         let mut payload = vec![0u8; len as usize];
         self.stream.read_exact(&mut payload).await.ok()?;
-        Some(match opcode {
+        Some((fin, opcode, payload))
+    }
+
+    fn frame_of(opcode: u8, payload: Vec<u8>) -> Frame {
+        match opcode {
             0x1 => Frame::Text(String::from_utf8(payload).unwrap()),
             0x2 => Frame::Binary(payload),
             0x9 => Frame::Ping(payload),
@@ -134,7 +177,7 @@ impl Raw {
                 (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
             ),
             other => panic!("unexpected opcode {other}"),
-        })
+        }
     }
 
     /// The next protocol message, keeping (not answering) Pings; `None` when the server
