@@ -45,10 +45,14 @@ const PAYEE: [u8; 32] = [0x32; 32];
 const COMMITS: u64 = 20_000;
 const WRITERS: u64 = 512;
 
-/// A redis-server on a free port, stopped on drop.
+/// A redis-server on a free port, stopped on drop, with a data directory of its own (also
+/// removed on drop). The directory used to be named by the port alone and kept: a later run that
+/// drew the same port loaded the old append-only file, and its first write was refused for a
+/// stale nonce (`StaleNonce { got: 1, stored: 20039 }`, seen in `scripts/test`).
 struct Redis {
     child: Child,
     url: String,
+    dir: std::path::PathBuf,
 }
 
 fn tool(name: &str) -> String {
@@ -70,7 +74,12 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let dir = std::env::temp_dir().join(format!("paystream-bench-redis-{port}"));
+        let dir = std::env::temp_dir().join(format!(
+            "paystream-bench-redis-{}-{port}",
+            std::process::id()
+        ));
+        // Nothing of an earlier server: the store starts empty.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut args = vec![
             "--port".to_string(),
@@ -104,6 +113,7 @@ impl Redis {
         Self {
             child,
             url: format!("redis://127.0.0.1:{port}/"),
+            dir,
         }
     }
 }
@@ -112,6 +122,7 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
