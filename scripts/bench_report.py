@@ -7,6 +7,7 @@ RESULTS_DIR holds what `scripts/bench` collected in one run:
 - criterion/: criterion's estimates for the benches signatures, meter, stream and store;
 - gas.md: the gas tables printed by `scripts/gas`;
 - load-idle-<N>.json: `paystream load` with N idle paid sessions (memory against sessions);
+- load-payers.json: the largest idle run again with a payer of its own for every session;
 - load-paid.json: `paystream load` at about 1,000 vouchers a second (latency distribution).
 - load-paid-burst.json: the same with every stream starting as its session opens (bursts).
 
@@ -410,6 +411,20 @@ the baseline and being reused by the sessions (which made the sessions look 4 Ki
                        f"load generator {load_ms:.2f} ms (signing, its WebSocket client) on the same "
                        f"{run.env['cores']} cores, Redis and anvil beside them: at most "
                        f"{fmt_int(ceiling)} setups/s if every core did nothing else.")
+        payers = run.load("load-payers.json")
+        if payers:
+            errors = sum(payers["errors"].values())
+            clean = payers["held"] == payers["sessions"] and errors == 0 and not payers.get("failed")
+            server_ms = payers.get("serverCpuMsPerSetup")
+            kib = payers.get("serverKiBPerSessionWithChannel") or 0
+            out.append(f"\nWith a payer of its own for every session (`LOAD_PAYERS={payers['sessions']}`: every "
+                       f"open checked on a key the server has never seen): {fmt_int(payers['held'])} held, "
+                       f"{payers.get('failed', 0)} failed, {errors} errors; {fmt_int(payers['setupsPerSec'])} "
+                       f"setups/s (goal ≥ {fmt_int(GOALS['setups_per_sec'])}: "
+                       f"{met(clean and payers['setupsPerSec'] >= GOALS['setups_per_sec'])}), setup p99 "
+                       f"{payers['setupMs']['p99']:.1f} ms, "
+                       f"{'-' if server_ms is None else f'{server_ms:.2f}'} ms of server CPU a setup; "
+                       f"{kib:.1f} KiB a session with its channel.")
         pts = [(r["held"], (r.get("serverRssAfterKiB") or 0) / 1024) for r in idle]
         base = [(r["held"], (r.get("serverRssBeforeKiB") or 0) / 1024) for r in idle]
         start = [(r["held"], (r.get("serverRssStartKiB") or 0) / 1024) for r in idle
