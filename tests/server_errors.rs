@@ -5,6 +5,7 @@
 mod common;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
+use common::raw::Frame;
 use common::stack::{Client, Options, Stack, http_get, payee, sign_voucher};
 use k256::ecdsa::SigningKey;
 use paystream::protocol::{ClientMessage, ServerMessage};
@@ -377,6 +378,38 @@ async fn no_open_within_the_handshake_timeout_closes_with_1008() {
     let mut c = stack.client(B256::ZERO).await;
     let (_, code) = c.drain().await;
     assert_eq!(code, Some(1008));
+}
+
+/// A heartbeat is not the handshake's deadline: a client that opens after the server's first
+/// Ping, well within the handshake timeout, gets its session. (When the Ping became one more
+/// deadline of the connection's one timer, the timer's handler closed every connection without
+/// a session with 1008 "open timeout" at the first Ping: the handshake timeout had become the
+/// heartbeat's, 5 s by default, and a client retrying an `open` on its connection was cut off.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_before_the_open_does_not_close_the_connection() {
+    let mut options = per_message();
+    options.params = Box::new(|p| p.heartbeat_ms = 100);
+    options.limits = Box::new(|l| l.handshake_timeout_ms = 30_000);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut raw = stack.raw().await;
+    // The server's first Ping: the heartbeat's deadline has come and gone.
+    loop {
+        match raw.frame_in().await {
+            Some(Frame::Ping(_)) => break,
+            Some(Frame::Close(code)) => panic!("closed with {code:?} before any open"),
+            None => panic!("the connection ended before any open"),
+            Some(_) => {}
+        }
+    }
+    let open = stack.client(id).await.voucher(1, 1);
+    raw.send(&ClientMessage::Open(open)).await;
+    let got = raw.recv().await;
+    assert!(
+        matches!(got, Some(ServerMessage::Session { .. })),
+        "got {got:?}, close code {:?}",
+        raw.close_code
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

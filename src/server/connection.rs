@@ -105,6 +105,8 @@ struct Connection<C, S> {
     /// What the session record holds of the session's progress (`seq`, request), as last
     /// written.
     recorded: (u64, Option<u64>),
+    /// A connection without a session by then is closed (1008 "open timeout").
+    opened_by: Nanos,
     /// The server's stop.
     stop: Arc<Shutdown>,
     /// The connection's slot, held until it ends.
@@ -122,6 +124,7 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
     permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let now = state.now();
+    let opened_by = now + state.limits.handshake_timeout_ms * 1_000_000;
     let conn = Connection {
         state,
         ws,
@@ -141,6 +144,7 @@ pub(super) fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         lost: false,
         jti: String::new(),
         recorded: (0, None),
+        opened_by,
         stop,
         _permit: permit,
     };
@@ -162,7 +166,6 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         // is in every connection's future.)
         let heartbeat = |conn: &Self| conn.state.params.heartbeat_ms.max(1) * 1_000_000;
         let mut next_ping = now + heartbeat(conn);
-        let opened_by = now + conn.state.limits.handshake_timeout_ms * 1_000_000;
         // The connection's one timer, boxed: its 112 bytes in the future would put the task
         // (the future and tokio's 112 bytes around it) over 2,048 bytes, into the allocator's
         // next size class, 512 bytes larger.
@@ -187,7 +190,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             let now = conn.state.now();
             let wake = match &conn.session {
                 Some(s) => s.next_wakeup(),
-                None => Some(opened_by),
+                None => Some(conn.opened_by),
             };
             // The lease's deadline (renewals move it later before it comes, in a healthy process).
             let lease_wake = conn
@@ -278,6 +281,25 @@ fn unit_frame(seq: u64, unit: &Unit) -> Message {
     }
 }
 
+/// `text` in pieces of at most `max` bytes (`max` at least 4), each ending on a character
+/// boundary: the protocol allows a character split across fragments, but a client that checks
+/// each fragment's UTF-8 alone would fail on one.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = max.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 fn frame_len(message: &Message) -> u64 {
     message.len() as u64
 }
@@ -340,18 +362,20 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         if text.len() <= PAYLOAD {
             return self.send(Message::Text(text.into())).await;
         }
-        let bytes = tokio_tungstenite::tungstenite::Bytes::from(text);
-        let mut start = 0;
-        while start < bytes.len() {
-            let end = (start + PAYLOAD).min(bytes.len());
-            let opcode = if start == 0 {
+        let count = pieces(&text, PAYLOAD).count();
+        for (i, piece) in pieces(&text, PAYLOAD).enumerate() {
+            let opcode = if i == 0 {
                 OpCode::Data(Data::Text)
             } else {
                 OpCode::Data(Data::Continue)
             };
-            let fragment = Frame::message(bytes.slice(start..end), opcode, end == bytes.len());
-            self.send(Message::Frame(fragment)).await?;
-            start = end;
+            let payload = tokio_tungstenite::tungstenite::Bytes::copy_from_slice(piece.as_bytes());
+            self.send(Message::Frame(Frame::message(
+                payload,
+                opcode,
+                i + 1 == count,
+            )))
+            .await?;
         }
         Ok(())
     }
@@ -1401,7 +1425,11 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             return self.close(CloseCode::Policy, "idle").await;
         }
         if self.session.is_none() {
-            return self.close(CloseCode::Policy, "open timeout").await;
+            // The timer also wakes for the heartbeat: the deadline is checked, not assumed.
+            if now >= self.opened_by {
+                return self.close(CloseCode::Policy, "open timeout").await;
+            }
+            return Flow::Continue;
         }
         if let Flow::Closed = self.lease_gate(now).await {
             return Flow::Closed;
@@ -1465,5 +1493,30 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         }
         self.drop_lease().await;
         self.state.registry.release(channel, &sid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn fragments_end_on_character_boundaries_and_add_up_to_the_message() {
+        // 'é' is 2 bytes, '€' 3, '𝄞' 4: every offset of a boundary falls inside one somewhere.
+        for text in [
+            "",
+            "a",
+            &"é".repeat(400),
+            &"a€𝄞é".repeat(120),
+            &"x".repeat(316 * 2),
+        ] {
+            for max in [4, 5, 7, 316] {
+                let parts: Vec<&str> = pieces(text, max).collect();
+                assert_eq!(parts.concat(), text);
+                assert!(parts.iter().all(|p| !p.is_empty() && p.len() <= max));
+                // Each piece is a whole `&str`: it could not be one if a character were split.
+                assert!(parts.len() <= text.len().div_ceil(max - 3).max(1));
+            }
+        }
     }
 }

@@ -429,20 +429,26 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
     has(CONNECTION, "upgrade") && has(UPGRADE, "websocket")
 }
 
-/// The server's stop, as its connections wait on it: a flag and one [`Notify`]. (A watch
-/// receiver's `changed()` future is about twice a `Notified`'s size, and every connection's
-/// future holds one.)
+/// The stop's `Notify`s: a connection registers with one (that of its thread) each time its
+/// loop waits, so they are spread as tokio spreads a watch channel's.
+const STOP_SHARDS: usize = 8;
+
+/// The server's stop, as its connections wait on it: a flag and [`STOP_SHARDS`] `Notify`s. (A
+/// watch receiver's `changed()` future is about twice a `Notified`'s size, and every
+/// connection's future holds one.)
 #[derive(Debug, Default)]
 pub(crate) struct Shutdown {
     stopping: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
+    notify: [tokio::sync::Notify; STOP_SHARDS],
 }
 
 impl Shutdown {
     /// Stops: every connection sees it, waiting or not.
     fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
+        for notify in &self.notify {
+            notify.notify_waiters();
+        }
     }
 
     /// Whether the server is stopping.
@@ -453,7 +459,13 @@ impl Shutdown {
     /// Completes at the stop, if it was made before it (then read [`Shutdown::stopping`]
     /// after making it: a stop in between is not missed).
     pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
+        thread_local! {
+            static SHARD: usize = {
+                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % STOP_SHARDS
+            };
+        }
+        self.notify[SHARD.with(|s| *s)].notified()
     }
 }
 

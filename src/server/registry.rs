@@ -43,7 +43,8 @@ pub struct ChainView {
 }
 
 /// A session id or a token id as the registry keeps it: 16 bytes of its hash, in place of the
-/// string and its allocation (the ids are random, so equal digests mean equal ids).
+/// string and its allocation (the ids are unique: a token's is random, a session's a hash of a
+/// counter, the time and the server's address; equal digests mean equal ids).
 type Digest = [u8; 16];
 
 fn digest(id: &str) -> Digest {
