@@ -901,6 +901,10 @@ impl World<'_> {
                 );
                 let was_open = live.session.is_open();
                 let mut effects = live.session.persisted(result, now);
+                // The answer for a voucher no longer in flight (a resume in place dropped it) is
+                // ignored by the session, which says nothing then: it neither pauses nor resumes
+                // delivery for it (found by this target: the model paused on such an answer).
+                let handled = !effects.is_empty();
                 if !was_open && live.session.is_open() && self.input.below(16) == 0 {
                     // The server could not write the new session's record: the opening is
                     // abandoned before the client hears of it (`session` is not sent).
@@ -913,10 +917,12 @@ impl World<'_> {
                 let origin = if ok {
                     live.reported.insert((v.nonce, v.cumulative));
                     live.authorized = live.authorized.max(v.cumulative);
-                    live.store_paused = false;
+                    if handled {
+                        live.store_paused = false;
+                    }
                     Origin::Stored
                 } else {
-                    if outage && was_open {
+                    if outage && was_open && handled {
                         live.store_paused = true;
                     }
                     Origin::Other
