@@ -1514,7 +1514,8 @@ mod tests {
                 let parts: Vec<&str> = pieces(text, max).collect();
                 assert_eq!(parts.concat(), text);
                 assert!(parts.iter().all(|p| !p.is_empty() && p.len() <= max));
-                // Each piece is a whole `&str`: it could not be one if a character were split.
+                // Each piece is a `&str` of its own (`split_at` panics off a boundary), and
+                // gives back at most 3 bytes to end on one: no more pieces than that allows.
                 assert!(parts.len() <= text.len().div_ceil(max - 3).max(1));
             }
         }
