@@ -385,14 +385,15 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             code: WsCloseCode::from(code.as_u16()),
             reason: reason.to_string().into(),
         };
+        // The session is over (or parked) before the client hears of it: once it has the Close
+        // frame (or its receipt, before it) it can open or resume the channel again at once,
+        // here or on another process, and is never refused `channel_busy` by its own past.
+        self.release().await;
         // Bounded like every send: a client that does not read gets no closing handshake.
         if self.send(Message::Close(Some(frame))).await.is_err() {
             return Flow::Closed;
         }
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE, self.ws.flush()).await;
-        // The session is over (or parked): let the channel go now, not after the handshake, so
-        // the client can open (or resume) again as soon as it has its receipt.
-        self.release().await;
         // The closing handshake: read (and drop) what the client still sends until its Close,
         // so the socket is not reset with unread data, which could discard the frames above
         // before the client reads them. Bounded: a client that never answers is cut off.
@@ -424,6 +425,14 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             match effect {
                 Effect::Send(_) | Effect::Close(..) if broken => {}
                 Effect::Send(message) => {
+                    if self.counted_active
+                        && self.session.as_ref().is_some_and(Session::is_closed)
+                        && !queue.iter().any(Effect::writes_money)
+                    {
+                        // The session ended and what it owed the store is written: the channel
+                        // is let go before the client hears of the end (its receipt).
+                        self.release().await;
+                    }
                     let without_session = !self.session.as_ref().is_some_and(Session::is_open);
                     match &message {
                         ServerMessage::Error { code, .. } => {

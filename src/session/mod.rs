@@ -187,6 +187,20 @@ pub enum Effect {
     Close(CloseCode, String),
 }
 
+impl Effect {
+    /// Whether the effect writes money under the session's lease (a voucher, the consumption,
+    /// a claim, a close): the server holds the channel until none is left to perform.
+    pub fn writes_money(&self) -> bool {
+        matches!(
+            self,
+            Self::Persist { .. }
+                | Self::PersistConsumed { .. }
+                | Self::QueueClaim(_)
+                | Self::CloseChannel(_)
+        )
+    }
+}
+
 /// What the chain says happened to a channel, as the server's watcher reads its events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainUpdate {

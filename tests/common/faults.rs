@@ -7,8 +7,9 @@
 //!   balances and nonces survive; the transaction pool does not.
 //! - [`Proxy`]: a TCP proxy on 127.0.0.1 (a port chosen at run time) in front of a node, told
 //!   what to do with [`Proxy::set`]: forward, drop every connection, refuse connections (it stops
-//!   listening), or lose the node's answer to `eth_sendRawTransaction` (the node has the
-//!   transaction, the client gets a closed connection).
+//!   listening), lose the node's answer to `eth_sendRawTransaction` (the node has the
+//!   transaction, the client gets a closed connection), or hold every answer back a while (a
+//!   slow store or node).
 //! - [`Guard`]: a child process killed (SIGKILL, by its id) when the test ends.
 //!
 //! [`stop`]: RestartableAnvil::stop
@@ -302,11 +303,14 @@ pub enum Mode {
     /// Forwards, but a connection that carries `eth_sendRawTransaction` is cut as soon as the
     /// node starts to answer it: the node has the transaction, the client gets no answer.
     LoseSendAnswers,
+    /// Forwards, holding each answer back this long (every round trip through the proxy takes
+    /// at least that).
+    Slow(Duration),
 }
 
 impl Mode {
     fn forwards(self) -> bool {
-        matches!(self, Self::Forward | Self::LoseSendAnswers)
+        matches!(self, Self::Forward | Self::LoseSendAnswers | Self::Slow(_))
     }
 }
 
@@ -511,9 +515,13 @@ async fn relay(
                 stats.lost_sends.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if !down_mode.borrow().forwards() {
+            let now = *down_mode.borrow();
+            if !now.forwards() {
                 stats.cut.fetch_add(1, Ordering::Relaxed);
                 return;
+            }
+            if let Mode::Slow(delay) = now {
+                tokio::time::sleep(delay).await;
             }
             if client_write.write_all(&buf[..n]).await.is_err() {
                 return;

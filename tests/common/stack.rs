@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::anvil::{Anvil, dev_signer};
+use super::faults::Proxy;
 use super::redis::Redis;
 
 /// 10^18.
@@ -34,6 +35,8 @@ pub const ETH: u128 = 1_000_000_000_000_000_000;
 pub struct Stack {
     pub anvil: Anvil,
     pub redis: Redis,
+    /// The proxy the server reaches Redis through, when [`Options::store_proxy`] asked for one.
+    pub store_proxy: Option<Proxy>,
     pub contract: Address,
     pub chain_id: u64,
     /// `http://127.0.0.1:PORT`.
@@ -55,6 +58,8 @@ pub struct Options {
     pub resource: Option<Arc<dyn Resource>>,
     /// How long the server's chain backend waits for a transaction to be mined.
     pub tx_timeout: Option<Duration>,
+    /// The server reaches Redis through a [`Proxy`] (to slow its store down, or cut it).
+    pub store_proxy: bool,
 }
 
 impl Options {
@@ -66,6 +71,7 @@ impl Options {
             tokens_per_sec: 0,
             resource: None,
             tx_timeout: None,
+            store_proxy: false,
         }
     }
 }
@@ -94,7 +100,15 @@ impl Stack {
         }
         let chain_id = payee_backend.chain_id();
         let chain = Channels::at(payee_backend, contract);
-        let store = RedisStore::connect(&redis.url, "ps:").await.unwrap();
+        let store_proxy = if options.store_proxy {
+            Some(Proxy::start(([127, 0, 0, 1], redis.port).into()).await)
+        } else {
+            None
+        };
+        let store_url = store_proxy
+            .as_ref()
+            .map_or(redis.url.clone(), |p| format!("redis://{}/", p.addr));
+        let store = RedisStore::connect(&store_url, "ps:").await.unwrap();
         let mut params = SessionParams::new(
             ChannelDomain::new(chain_id, contract),
             payee(),
@@ -137,6 +151,7 @@ impl Stack {
         Self {
             anvil,
             redis,
+            store_proxy,
             contract,
             chain_id,
             url,
