@@ -26,7 +26,7 @@ async fn the_server_asks_again_while_paused_for_credit() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 5).await;
+    c.opened(1, 5).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 20 }),
     })
@@ -133,7 +133,7 @@ async fn failed_opens_are_limited_per_connection_and_per_ip() {
     let stack = Stack::start(per_token()).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut honest = stack.client(id).await;
-    honest.open(1, 100).await;
+    honest.opened(1, 100).await;
 
     let target = stack.open_channel(payee(), 2, 1_000).await;
     let mut codes = Vec::new();
@@ -187,7 +187,7 @@ async fn after_its_receipt_the_channel_opens_again_at_once() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut current = stack.client(id).await;
-    current.open(1, 10).await;
+    current.opened(1, 10).await;
     stack
         .store_proxy
         .as_ref()
@@ -266,7 +266,7 @@ async fn a_refused_opening_write_ends_the_opening() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(5, 100).await;
+    c.opened(5, 100).await;
     c.send(&ClientMessage::Close {
         close_channel: false,
     })
@@ -512,7 +512,7 @@ async fn delivery_resumes_when_the_store_takes_writes_again() {
     let stack = Stack::start(per_token()).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     stack.redis.refuse_writes(true);
     let v = c.voucher(2, 200);
     c.send(&ClientMessage::Voucher(v.clone())).await;
@@ -542,7 +542,7 @@ async fn an_early_ask_left_unanswered_does_not_end_an_idle_session() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 95 }),
     })

@@ -111,7 +111,7 @@ async fn a_withdrawal_request_ends_the_session_and_its_consumption_is_claimed() 
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 500).await;
+    c.opened(1, 500).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 400 }),
     })
@@ -219,7 +219,7 @@ async fn consumption_is_carried_exactly_from_session_to_session() {
     let mut last = 0;
     for nonce in 1..=3 {
         let mut c = stack.client(id).await;
-        c.open(nonce, 10).await;
+        c.opened(nonce, 10).await;
         last = stream_and_close(&mut c, 10).await;
     }
     assert_eq!(last, 1, "0.09 base units, rounded up once");
@@ -236,7 +236,7 @@ async fn writes_refused_at_close_are_retried_and_never_metered_twice() {
     let stack = Stack::start(per_token()).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 7 }),
     })
@@ -294,7 +294,7 @@ async fn a_parked_session_taken_over_passes_its_consumption_on() {
     let stack = Stack::start(per_token()).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 9 }),
     })
@@ -325,7 +325,7 @@ async fn a_channel_whose_close_was_signed_takes_no_new_session() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     stream_and_close_channel_pending(&stack, &mut c).await;
 
     let mut other = stack.client(id).await;
@@ -423,7 +423,7 @@ async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, 10).await;
     let mut c = stack.client(id).await;
-    c.open(1, 10).await;
+    c.opened(1, 10).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 20 }),
     })

@@ -66,7 +66,7 @@ async fn a_request_needs_credit_for_its_first_unit() {
     let (stack, starts) = counting(0).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 0).await;
+    c.opened(1, 0).await;
     c.send(&request(5)).await;
     let seen = c
         .recv_until(|m| matches!(m, ServerMessage::Error { .. }))
@@ -92,7 +92,7 @@ async fn requests_are_rate_limited_and_stream_one_at_a_time() {
     let (stack, starts) = counting(5).await;
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 500).await;
+    c.opened(1, 500).await;
     for _ in 0..12 {
         if !c.try_send(&request(50)).await {
             break;

@@ -159,7 +159,7 @@ async fn one_session_per_channel_so_credit_is_never_spent_twice() {
     let stack = Stack::start(Options::new(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
     let id = stack.open_channel(payee(), 3, 1_000).await;
     let mut first = stack.client(id).await;
-    first.open(1, 100).await;
+    first.opened(1, 100).await;
     first
         .send(&ClientMessage::Request {
             body: serde_json::json!({ "maxTokens": 30 }),

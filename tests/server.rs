@@ -262,7 +262,7 @@ async fn a_client_that_stops_paying_gets_nothing_unpaid() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 9, ETH).await;
     let mut c = stack.client(id).await;
-    c.open(1, 25).await;
+    c.opened(1, 25).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 1000 }),
     })
@@ -349,7 +349,7 @@ async fn a_slow_reader_is_not_charged_for_the_time_it_blocks_delivery() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 6, ETH).await;
     let mut c = stack.client(id).await;
-    c.open(1, ETH / 2).await;
+    c.opened(1, ETH / 2).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({}),
     })
@@ -399,7 +399,7 @@ async fn a_connection_future_stays_within_its_memory_budget() {
     let stack = Stack::start(streaming(r#"{"perMessage":{"amount":"1","per":"1"}}"#)).await;
     let id = stack.open_channel(payee(), 31, 1_000).await;
     let mut c = stack.client(id).await;
-    c.open(1, 100).await;
+    c.opened(1, 100).await;
     let bytes = common::stack::metric(&stack, "paystream_connection_future_bytes")
         .await
         .unwrap();

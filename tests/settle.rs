@@ -22,7 +22,7 @@ fn per_token() -> Options {
 async fn stream(stack: &Stack, salt: u8, tokens: u64) -> (B256, u128) {
     let id = stack.open_channel(payee(), salt, ETH).await;
     let mut c: Client = stack.client(id).await;
-    c.open(1, 1_000_000).await;
+    c.opened(1, 1_000_000).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": tokens }),
     })
@@ -120,7 +120,7 @@ async fn queued_claims_are_settled_once_and_leave_the_queue() {
 async fn stream_on(stack: &Stack, id: B256, key: &k256::ecdsa::SigningKey, tokens: u64) -> u128 {
     let mut c: Client = stack.client(id).await;
     c.key = key.clone();
-    c.open(1, 1_000_000).await;
+    c.opened(1, 1_000_000).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": tokens }),
     })
@@ -314,7 +314,7 @@ async fn a_long_session_is_settled_while_it_streams() {
     let stack = Stack::start(options).await;
     let id = stack.open_channel(payee(), 1, ETH).await;
     let mut c = stack.client(id).await;
-    c.open(1, 1_000_000).await;
+    c.opened(1, 1_000_000).await;
     c.send(&ClientMessage::Request {
         body: serde_json::json!({ "maxTokens": 10_000 }),
     })

@@ -348,6 +348,16 @@ impl Client {
         seen.pop().unwrap()
     }
 
+    /// Opens a session, failing the test with the server's answer if it is not `session`.
+    pub async fn opened(&mut self, nonce: u64, cumulative: u128) -> ServerMessage {
+        let reply = self.open(nonce, cumulative).await;
+        assert!(
+            matches!(reply, ServerMessage::Session { .. }),
+            "open {nonce} refused: {reply:?}"
+        );
+        reply
+    }
+
     /// Reads until the server closes or `limit` passes, returning everything read and the close
     /// code (`None` if the server did not close in time).
     pub async fn drain_for(&mut self, limit: Duration) -> (Vec<ServerMessage>, Option<u16>) {
