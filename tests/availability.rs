@@ -253,6 +253,54 @@ async fn a_session_closed_for_idleness_resumes_at_once() {
     );
 }
 
+/// An opening whose voucher could not be stored (the store's connection lost on that very write:
+/// `store_unavailable`, close 1011) left the channel reserved in the process for good: the
+/// connection's close let the session go but not its reservation, and every later `open` of
+/// the channel on this server was refused `channel_busy` until a restart (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opening_lost_to_a_store_outage_leaves_the_channel_free() {
+    let mut options = per_token();
+    options.store_proxy = true;
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 1_000).await;
+    let mut c = stack.client(id).await;
+    let v = c.voucher(1, 10);
+    // The write of this voucher never reaches Redis.
+    // The store writes it as hex: its `r` is in no other request.
+    let r = alloy::hex::encode(&v.signature[..32]);
+    let signature: &'static [u8] = Box::leak(r.into_bytes().into_boxed_slice());
+    let proxy = stack.store_proxy.as_ref().unwrap();
+    proxy.set(Mode::CutOn(signature)).await;
+    c.send(&ClientMessage::Open(v)).await;
+    let reply = c.recv_until(is_reply).await.pop().unwrap();
+    assert!(
+        matches!(&reply, ServerMessage::Error { code, .. } if code == "store_unavailable"),
+        "{reply:?}"
+    );
+    let (_, code) = c.drain().await;
+    assert_eq!(code, Some(1011));
+    assert!(proxy.cut() >= 1, "the write was cut");
+    proxy.set(Mode::Forward).await;
+    // The store is back: the channel opens (once the lease, if its release was lost too, is
+    // free: a retriable `channel_busy` for at most the lease's time).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut nonce = 2;
+    loop {
+        let mut c = stack.client(id).await;
+        let reply = c.open(nonce, 10 * u128::from(nonce)).await;
+        match reply {
+            ServerMessage::Session { .. } => break,
+            ServerMessage::Error { ref code, .. }
+                if code == "channel_busy" && std::time::Instant::now() < deadline =>
+            {
+                nonce += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => panic!("open {nonce} after the outage: {other:?}"),
+        }
+    }
+}
+
 /// Item 11: when the store refused the opening voucher (`stale_nonce`: another writer, or a
 /// stored state the chain had overtaken), the session stayed `Opening`: every later message got
 /// `unexpected_message` and the channel stayed busy. A failed opening write now ends that

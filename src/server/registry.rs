@@ -241,8 +241,9 @@ impl Registry {
         }
     }
 
-    /// The session `sid` left its connection (parked in the store, or ended): the channel is
-    /// free here.
+    /// The session `sid` left its connection (parked in the store, or ended, or its opening
+    /// failed): the channel is free here. An opening that ended with its connection (its
+    /// voucher not stored, the connection closed 1011) gives back its reservation here too.
     pub fn release(&self, channel: B256, sid: &str) {
         let mut inner = self.lock();
         let Some(slot) = inner.channels.get_mut(&channel) else {
@@ -251,9 +252,12 @@ impl Registry {
         let sid = digest(sid);
         if slot.active.as_ref().is_some_and(|a| a.sid == sid) {
             slot.active = None;
-            if slot.opening.is_none() {
-                inner.channels.remove(&channel);
-            }
+        }
+        if slot.opening.as_ref().is_some_and(|o| o.sid == sid) {
+            slot.opening = None;
+        }
+        if slot.active.is_none() && slot.opening.is_none() {
+            inner.channels.remove(&channel);
         }
         drop(inner);
         self.released.notify_waiters();

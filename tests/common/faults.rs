@@ -8,8 +8,9 @@
 //! - [`Proxy`]: a TCP proxy on 127.0.0.1 (a port chosen at run time) in front of a node, told
 //!   what to do with [`Proxy::set`]: forward, drop every connection, refuse connections (it stops
 //!   listening), lose the node's answer to `eth_sendRawTransaction` (the node has the
-//!   transaction, the client gets a closed connection), or hold every answer back a while (a
-//!   slow store or node).
+//!   transaction, the client gets a closed connection), hold every answer back a while (a
+//!   slow store or node), or cut a connection as it carries given bytes (one request lost on
+//!   its way: an outage at a chosen step).
 //! - [`Guard`]: a child process killed (SIGKILL, by its id) when the test ends.
 //!
 //! [`stop`]: RestartableAnvil::stop
@@ -306,11 +307,18 @@ pub enum Mode {
     /// Forwards, holding each answer back this long (every round trip through the proxy takes
     /// at least that).
     Slow(Duration),
+    /// Forwards, but a connection whose client sends these bytes is cut before they are
+    /// forwarded: that request never reaches the node (or the store), the client gets a closed
+    /// connection. Other connections, and later ones, are forwarded.
+    CutOn(&'static [u8]),
 }
 
 impl Mode {
     fn forwards(self) -> bool {
-        matches!(self, Self::Forward | Self::LoseSendAnswers | Self::Slow(_))
+        matches!(
+            self,
+            Self::Forward | Self::LoseSendAnswers | Self::Slow(_) | Self::CutOn(_)
+        )
     }
 }
 
@@ -490,12 +498,21 @@ async fn relay(
                 stats.cut.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if now == Mode::LoseSendAnswers {
+            let pattern = match now {
+                Mode::LoseSendAnswers => Some(SEND_METHOD),
+                Mode::CutOn(pattern) => Some(pattern),
+                _ => None,
+            };
+            if let Some(pattern) = pattern {
                 window.extend_from_slice(&buf[..n]);
-                if window.windows(SEND_METHOD.len()).any(|w| w == SEND_METHOD) {
+                if window.windows(pattern.len()).any(|w| w == pattern) {
+                    if let Mode::CutOn(_) = now {
+                        stats.cut.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     swallow.store(true, Ordering::SeqCst);
                 }
-                let keep = window.len().saturating_sub(SEND_METHOD.len());
+                let keep = window.len().saturating_sub(pattern.len());
                 window.drain(..keep);
             }
             if server_write.write_all(&buf[..n]).await.is_err() {
