@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use alloy::primitives::{Address, B256, Bytes, U256};
 use common::raw::Frame;
 use common::stack::{Client, Options, Stack, http_get, payee, sign_voucher};
@@ -409,6 +411,29 @@ async fn a_heartbeat_before_the_open_does_not_close_the_connection() {
         matches!(got, Some(ServerMessage::Session { .. })),
         "got {got:?}, close code {:?}",
         raw.close_code
+    );
+}
+
+/// A connection that never opens is cut off at its open deadline however busy it keeps its
+/// socket: the deadline was checked only when the connection's timer won its turn, and a client
+/// writing frames without pause (here unsolicited Pongs, which ask for no answer and count as
+/// activity) could keep the frames ahead of the timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_floods_frames_is_still_cut_at_its_open_deadline() {
+    let mut options = per_message();
+    options.limits = Box::new(|l| l.handshake_timeout_ms = 500);
+    let stack = Stack::start(options).await;
+    let mut raw = stack.raw().await;
+    let started = std::time::Instant::now();
+    // Written until the server has gone (the write fails once it dropped the socket); bounded.
+    let mut open = true;
+    while open && started.elapsed() < Duration::from_secs(15) {
+        open = raw.pongs(1_000).await;
+    }
+    assert!(
+        !open,
+        "still connected after {:?} of frames and no open",
+        started.elapsed()
     );
 }
 

@@ -242,23 +242,20 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 // usage saves or the deadlines.
                 _ = &mut sleep => {
                     armed = 0;
-                    let now = conn.state.now();
-                    if now >= next_ping {
-                        next_ping = now + heartbeat(conn);
-                        let payload = now.to_be_bytes().to_vec();
-                        // Boxed, as every path but the units': once a heartbeat.
-                        match Box::pin(conn.send(Message::Ping(payload.into()))).await {
-                            Ok(()) => Box::pin(conn.on_timer()).await,
-                            Err(()) => Flow::Closed,
-                        }
-                    } else {
-                        conn.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
-                        Box::pin(conn.on_timer()).await
-                    }
+                    Box::pin(conn.on_wake(&mut next_ping)).await
                 }
                 unit = recv(&mut conn.units), if can_take => Box::pin(conn.on_units(unit)).await,
             };
             if let Flow::Closed = flow {
+                break;
+            }
+            // A client that sends frames without pause keeps the timer from its turn (its
+            // frames come first, and a poll's budget runs out on them): a deadline that has
+            // passed is met here instead (the open deadline, the idle and voucher deadlines).
+            if armed != 0
+                && armed <= conn.state.now()
+                && let Flow::Closed = Box::pin(conn.on_wake(&mut next_ping)).await
+            {
                 break;
             }
         }
@@ -285,6 +282,8 @@ fn unit_frame(seq: u64, unit: &Unit) -> Message {
 /// boundary: the protocol allows a character split across fragments, but a client that checks
 /// each fragment's UTF-8 alone would fail on one.
 fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    // Below 4 a piece could end up empty (a 4-byte character first) and the pieces never end.
+    debug_assert!(max >= 4, "pieces of at least one character");
     let mut rest = text;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -1425,6 +1424,21 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             })
             .unwrap_or_default();
         self.apply(effects).await
+    }
+
+    /// The timer's turn: the heartbeat's Ping when it is due, then the deadlines.
+    async fn on_wake(&mut self, next_ping: &mut Nanos) -> Flow {
+        let now = self.state.now();
+        if now < *next_ping {
+            self.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
+            return self.on_timer().await;
+        }
+        *next_ping = now + self.state.params.heartbeat_ms.max(1) * 1_000_000;
+        let payload = now.to_be_bytes().to_vec();
+        match self.send(Message::Ping(payload.into())).await {
+            Ok(()) => self.on_timer().await,
+            Err(()) => Flow::Closed,
+        }
     }
 
     async fn on_timer(&mut self) -> Flow {

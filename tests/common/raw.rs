@@ -96,6 +96,13 @@ impl Raw {
         self.send_text(&encode_client(message)).await
     }
 
+    /// `count` unsolicited Pong frames in one write (a client may send them at any time; the
+    /// server answers none); `false` once the server has gone.
+    pub async fn pongs(&mut self, count: usize) -> bool {
+        let batch: Vec<u8> = (0..count).flat_map(|_| Self::frame(0xA, b"")).collect();
+        self.stream.write_all(&batch).await.is_ok()
+    }
+
     /// Answers the oldest unanswered Ping.
     pub async fn pong(&mut self) {
         let payload = if self.pings.is_empty() {
