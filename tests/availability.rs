@@ -265,8 +265,8 @@ async fn an_opening_lost_to_a_store_outage_leaves_the_channel_free() {
     let id = stack.open_channel(payee(), 1, 1_000).await;
     let mut c = stack.client(id).await;
     let v = c.voucher(1, 10);
-    // The write of this voucher never reaches Redis.
-    // The store writes it as hex: its `r` is in no other request.
+    // The write of this voucher never reaches Redis: the store sends the signature as hex, and
+    // its `r` is in no other request.
     let r = alloy::hex::encode(&v.signature[..32]);
     let signature: &'static [u8] = Box::leak(r.into_bytes().into_boxed_slice());
     let proxy = stack.store_proxy.as_ref().unwrap();

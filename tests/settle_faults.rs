@@ -951,7 +951,9 @@ async fn a_payee_that_refuses_payment_for_a_while_is_paid_once_it_accepts() {
     let from = payer.backend().block_number().await.unwrap();
     let before = payer.backend().balance(payee()).await.unwrap();
     let mut settle_config = config(2, 1, 100);
-    settle_config.reverted_retry_secs = 1;
+    // The settler counts whole seconds: a back-off of 1 s can end within a millisecond (the
+    // next second begins), and "not again at once" failed when the two passes straddled one.
+    settle_config.reverted_retry_secs = 3;
     let mut settler = settler(&anvil.url, contract, &redis.url, settle_config).await;
     // PUSH1 0 PUSH1 0 REVERT: every call to the payee reverts.
     let refuse = || {
