@@ -164,8 +164,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         // its own would be another allocation and timer entry in every idle connection).
         // (Settings are read where they are used: every local kept across the loop's awaits
         // is in every connection's future.)
-        let heartbeat = |conn: &Self| conn.state.params.heartbeat_ms.max(1) * 1_000_000;
-        let mut next_ping = now + heartbeat(conn);
+        let mut next_ping = now + conn.heartbeat_ns();
         // The connection's one timer, boxed: its 112 bytes in the future would put the task
         // (the future and tokio's 112 bytes around it) over 2,048 bytes, into the allocator's
         // next size class, 512 bytes larger.
@@ -236,7 +235,17 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     Box::pin(conn.on_news()).await
                 }
                 // A frame from the client (a voucher, a Pong: far rarer than units out).
-                inbound = conn.ws.next() => Box::pin(conn.on_inbound(inbound)).await,
+                inbound = conn.ws.next() => match Box::pin(conn.on_inbound(inbound)).await {
+                    // A client that sends frames without pause keeps the timer from its turn
+                    // (its frames come first, and a poll's budget runs out on them): a deadline
+                    // that had passed when the frame came is met here instead (the open
+                    // deadline, the idle and voucher deadlines, the Ping).
+                    Flow::Continue if armed != 0 && armed <= conn.last_inbound => {
+                        armed = 0;
+                        Box::pin(conn.on_wake(&mut next_ping)).await
+                    }
+                    flow => flow,
+                },
                 // The timer before the units: it is rarely ready, and a resource that keeps the
                 // queue full must not starve the heartbeat (its lapse pauses delivery), the
                 // usage saves or the deadlines.
@@ -247,15 +256,6 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                 unit = recv(&mut conn.units), if can_take => Box::pin(conn.on_units(unit)).await,
             };
             if let Flow::Closed = flow {
-                break;
-            }
-            // A client that sends frames without pause keeps the timer from its turn (its
-            // frames come first, and a poll's budget runs out on them): a deadline that has
-            // passed is met here instead (the open deadline, the idle and voucher deadlines).
-            if armed != 0
-                && armed <= conn.state.now()
-                && let Flow::Closed = Box::pin(conn.on_wake(&mut next_ping)).await
-            {
                 break;
             }
         }
@@ -1426,6 +1426,11 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
         self.apply(effects).await
     }
 
+    /// The time between the heartbeat's Pings.
+    fn heartbeat_ns(&self) -> Nanos {
+        self.state.params.heartbeat_ms.max(1) * 1_000_000
+    }
+
     /// The timer's turn: the heartbeat's Ping when it is due, then the deadlines.
     async fn on_wake(&mut self, next_ping: &mut Nanos) -> Flow {
         let now = self.state.now();
@@ -1433,7 +1438,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
             self.metrics().wakeups_total.fetch_add(1, Ordering::Relaxed);
             return self.on_timer().await;
         }
-        *next_ping = now + self.state.params.heartbeat_ms.max(1) * 1_000_000;
+        *next_ping = now + self.heartbeat_ns();
         let payload = now.to_be_bytes().to_vec();
         match self.send(Message::Ping(payload.into())).await {
             Ok(()) => self.on_timer().await,
