@@ -42,4 +42,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod settle;
+mod shared;
 pub mod store;

@@ -1,12 +1,14 @@
 //! The acceptance rules of DESIGN.md section 2, as a pure state machine on an open channel.
 
-use std::sync::{Arc, Mutex};
+use std::convert::Infallible;
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, Signature};
 
 use super::error::ChannelError;
 use super::signature::{PayerKeys, SignatureCheck, SignatureError};
 use super::state::{ChannelDomain, ChannelState};
+use crate::shared::SharedTable;
 
 /// A channel state with the payer's signature over it: a voucher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,23 +144,12 @@ pub struct AcceptedState {
     pub signature: Option<Signature>,
 }
 
-/// Domains kept for sharing (a server signs under one).
-const SHARED_DOMAINS: usize = 16;
-
 /// `domain`, shared by every open channel under it: an idle session keeps a pointer instead of
-/// 64 bytes (docs/SERVER.md, "Memory of an idle session").
+/// 64 bytes (a server signs under one domain).
 fn shared_domain(domain: ChannelDomain) -> Arc<ChannelDomain> {
-    static SHARED: Mutex<Vec<Arc<ChannelDomain>>> = Mutex::new(Vec::new());
-    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = shared.iter().find(|d| ***d == domain) {
-        return d.clone();
-    }
-    let d = Arc::new(domain);
-    if shared.len() >= SHARED_DOMAINS {
-        shared.remove(0);
-    }
-    shared.push(d.clone());
-    d
+    static SHARED: SharedTable<ChannelDomain, ChannelDomain, 16> = SharedTable::new();
+    let Ok(shared) = SHARED.get_or_try_make(domain, || Ok::<_, Infallible>(domain));
+    shared
 }
 
 /// An open channel, for this server's payee and token, and the last state accepted on it.

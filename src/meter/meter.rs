@@ -1,12 +1,13 @@
 //! [`Meter`]: exact accounting of one session's consumption against its accepted cumulative.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use alloy::primitives::U256;
 
 use super::Exact;
 use super::error::{MeterError, TariffError};
 use super::tariff::{Rates, Tariff};
+use crate::shared::SharedTable;
 
 /// A monotonic instant in nanoseconds, from a clock the caller owns (the meter never reads one).
 pub type Nanos = u64;
@@ -27,9 +28,6 @@ const RECHECK_NS: u64 = 10_000_000;
 /// one interval of grace.
 pub const DEFAULT_LIVENESS_NS: u64 = 10_000_000_000;
 
-/// Terms kept for sharing (a server has a tariff per resource and one configuration).
-const SHARED_TERMS: usize = 16;
-
 /// What every meter of one tariff and configuration shares: the compiled rates and the
 /// configuration (less the round trip, which each session measures).
 #[derive(Debug, PartialEq, Eq)]
@@ -39,30 +37,20 @@ struct Terms {
 }
 
 /// The terms of `tariff` under `config`, compiled once and shared by every meter on them: an
-/// idle session keeps a pointer instead of 224 bytes (docs/SERVER.md, "Memory of an idle
-/// session").
+/// idle session keeps a pointer instead of 224 bytes (a server has a tariff per resource and
+/// one configuration).
 fn shared_terms(tariff: &Tariff, config: MeterConfig) -> Result<Arc<Terms>, TariffError> {
-    static SHARED: Mutex<Vec<(Tariff, Arc<Terms>)>> = Mutex::new(Vec::new());
+    static SHARED: SharedTable<(Tariff, MeterConfig), Terms, 16> = SharedTable::new();
     let config = MeterConfig {
         rtt_ns: 0,
         ..config
     };
-    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, terms)) = shared
-        .iter()
-        .find(|(t, terms)| t == tariff && terms.config == config)
-    {
-        return Ok(terms.clone());
-    }
-    let terms = Arc::new(Terms {
-        rates: tariff.rates()?,
-        config,
-    });
-    if shared.len() >= SHARED_TERMS {
-        shared.remove(0);
-    }
-    shared.push((*tariff, terms.clone()));
-    Ok(terms)
+    SHARED.get_or_try_make((*tariff, config), || {
+        Ok(Terms {
+            rates: tariff.rates()?,
+            config,
+        })
+    })
 }
 
 /// When to ask for credit, and how much.
