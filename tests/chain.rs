@@ -13,7 +13,7 @@ use paystream::chain::bindings::PaymentChannels::PaymentChannelsErrors;
 use paystream::chain::evm::EvmNode;
 use paystream::chain::rpc::RpcBackend;
 use paystream::chain::{
-    Backend, ChainError, ChannelChain, ChannelEvent, Channels, Claim, SkipReason,
+    Backend, ChainError, ChannelChain, ChannelEvent, Channels, Claim, Events, SkipReason,
 };
 use paystream::channel::{ChannelDomain, ChannelState, Close, signature};
 use std::process::Command;
@@ -40,6 +40,7 @@ struct Observed {
     contract_balance: U256,
     a_after_settle: (u128, u64),
     close: (u128, u128, u128),
+    opened: Vec<B256>,
     withdraw_requested: Vec<B256>,
     closed: Vec<B256>,
 }
@@ -185,7 +186,23 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
     assert!(p.payer.read_channel(a).await.unwrap().unwrap().closed);
 
     let latest = p.payee.block_number().await.unwrap();
-    let events = p.payee.channel_events(0, latest).await.unwrap();
+    let events = p
+        .payee
+        .channel_events(0, latest, Events::All)
+        .await
+        .unwrap();
+    // A read for changes only is the same less the `Opened` events.
+    let changes = p
+        .payee
+        .channel_events(0, latest, Events::Changes)
+        .await
+        .unwrap();
+    let without_opened: Vec<_> = events
+        .iter()
+        .filter(|(e, _)| !matches!(e, ChannelEvent::Opened(_)))
+        .copied()
+        .collect();
+    assert_eq!(changes, without_opened);
     let of = |f: fn(&ChannelEvent) -> bool| -> Vec<B256> {
         events
             .iter()
@@ -210,6 +227,7 @@ async fn scenario<B: Backend>(p: Parties<B>) -> Observed {
         contract_balance: p.payer.backend().balance(p.payer.address()).await.unwrap(),
         a_after_settle: (info.claimed, info.claimed_nonce),
         close: (closed.claimed, closed.paid, closed.refund),
+        opened: of(|e| matches!(e, ChannelEvent::Opened(_))),
         withdraw_requested: of(|e| matches!(e, ChannelEvent::WithdrawRequested(_))),
         closed: of(|e| matches!(e, ChannelEvent::Closed { .. })),
     }
@@ -234,6 +252,7 @@ fn expected(a: B256, b: B256) -> Observed {
         contract_balance: U256::from(4 * ETH / 10),
         a_after_settle: (2 * ETH / 10, 1),
         close: (5 * ETH / 10, 3 * ETH / 10, 5 * ETH / 10),
+        opened: vec![a, b],
         withdraw_requested: vec![b],
         closed: vec![a],
     }

@@ -6,8 +6,8 @@ use alloy::sol_types::{SolCall, SolEvent};
 
 use super::bindings::PaymentChannels as pc;
 use super::{
-    Backend, ChainError, ChannelChain, ChannelEvent, Claim, Claimed, CloseOutcome, PaidRun, Result,
-    SettleOutcome, SkipReason, TxOutcome, TxReceipt, TxRequest, WithdrawRequest,
+    Backend, ChainError, ChannelChain, ChannelEvent, Claim, Claimed, CloseOutcome, Events, PaidRun,
+    Result, SettleOutcome, SkipReason, TxOutcome, TxReceipt, TxRequest, WithdrawRequest,
 };
 use crate::channel::{ChannelInfo, signature};
 
@@ -315,16 +315,25 @@ impl<B: Backend> ChannelChain for Channels<B> {
         self.backend.block_number().await
     }
 
-    async fn channel_events(&self, from: u64, to: u64) -> Result<Vec<(ChannelEvent, u64)>> {
+    async fn channel_events(
+        &self,
+        from: u64,
+        to: u64,
+        events: Events,
+    ) -> Result<Vec<(ChannelEvent, u64)>> {
         let topics = [
-            pc::Opened::SIGNATURE_HASH,
             pc::Settled::SIGNATURE_HASH,
             pc::ToppedUp::SIGNATURE_HASH,
             pc::WithdrawRequested::SIGNATURE_HASH,
             pc::Withdrawn::SIGNATURE_HASH,
             pc::ClosedCooperatively::SIGNATURE_HASH,
+            pc::Opened::SIGNATURE_HASH,
         ];
-        let logs = self.backend.logs(self.address, &topics, from, to).await?;
+        let topics = match events {
+            Events::All => &topics[..],
+            Events::Changes => &topics[..5],
+        };
+        let logs = self.backend.logs(self.address, topics, from, to).await?;
         let mut out = Vec::new();
         // Only the contract's own events count (a token could emit look-alikes).
         for l in logs.iter().filter(|l| l.log.address == self.address) {

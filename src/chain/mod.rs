@@ -297,13 +297,25 @@ pub trait ChannelChain: Send + Sync + 'static {
     ) -> impl Future<Output = Result<CloseOutcome>> + Send;
     /// The latest block number.
     fn block_number(&self) -> impl Future<Output = Result<u64>> + Send;
-    /// What happened to channels in blocks `from..=to`: top-ups, withdrawal requests,
-    /// withdrawals and cooperative closes, in chain order, each with its block.
+    /// What happened to channels in blocks `from..=to` (those of the kinds `events` asks for),
+    /// in chain order, each with its block.
     fn channel_events(
         &self,
         from: u64,
         to: u64,
+        events: Events,
     ) -> impl Future<Output = Result<Vec<(ChannelEvent, u64)>>> + Send;
+}
+
+/// Which of the contract's channel events a read asks the node for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    /// Every channel event, `Opened` included.
+    All,
+    /// The events that change a channel already open: all but `Opened`. What a read of blocks
+    /// already read once (a reorg window) or a watch for withdrawals needs: on a busy chain
+    /// `Opened` logs are most of the logs, one per channel, and the largest.
+    Changes,
 }
 
 /// A change to a channel, from the contract's events.

@@ -44,8 +44,8 @@ pub use economics::{Due, Economics};
 pub use metrics::SettleMetrics;
 
 use crate::chain::{
-    ChainError, ChannelChain, ChannelEvent, Channels, Claim, Fees, Mined, SkipReason, TxParams,
-    TxSender,
+    ChainError, ChannelChain, ChannelEvent, Channels, Claim, Events, Fees, Mined, SkipReason,
+    TxParams, TxSender,
 };
 use crate::channel::{ChannelInfo, Close, signature};
 use crate::meter::Price;
@@ -439,7 +439,8 @@ impl<B: TxSender, S: ChannelStore + SettlementStore> Settler<B, S> {
         let mut range = self.config.log_range_blocks.max(1);
         while from <= head {
             let to = head.min(from.saturating_add(range - 1));
-            let events = match self.chain.channel_events(from, to).await {
+            // Withdrawals and closes only: not the `Opened` logs, most of a busy chain's.
+            let events = match self.chain.channel_events(from, to, Events::Changes).await {
                 Ok(events) => events,
                 Err(e) if range > 1 => {
                     debug!(from, to, "withdrawal watcher: {e}; halving the range");
