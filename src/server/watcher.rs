@@ -42,8 +42,7 @@ fn update_of(event: &ChannelEvent) -> Option<ChainUpdate> {
 /// twice change nothing). Only the events that change a channel are read again: an `Opened`
 /// missed would only cost its channel's first `open` a read of the node, and on a busy chain
 /// `Opened` logs are most of the logs (10,000 channels opened in a few blocks made every poll
-/// parse several megabytes eight times over: 18% of the server's CPU per session setup, and
-/// memory that the setups then found fragmented).
+/// parse several megabytes, nine polls over, while the sessions were being set up).
 const REORG_BLOCKS: u64 = 8;
 
 /// Events remembered so that one read twice (the reorg window) is counted once.
