@@ -10,6 +10,7 @@ RESULTS_DIR holds what `scripts/bench` collected in one run:
 - load-payers.json: the largest idle run again with a payer of its own for every session;
 - load-paid.json: `paystream load` at about 1,000 vouchers a second (latency distribution).
 - load-paid-burst.json: the same with every stream starting as its session opens (bursts).
+- load-paid-everysec.json: the steady load with Redis `appendfsync everysec` (the reference).
 
 Every figure is a ratio to a reference measured in the same run (the machine is shared and
 noisy): the signature checks against libsecp256k1, the paid stream against the unpaid one, the
@@ -456,7 +457,19 @@ check, the fenced write to Redis and both ways over loopback, over
         if burst:
             b = burst["voucherRttMs"]
             out.append(f"| in bursts (every stream starts as its session opens: all sessions' vouchers fall due within the ramp's {burst['setupSecs']:.2f} s, once a second) | {burst['vouchersPerSec']:,.0f} | {b['p50']:.2f} ms | {b['p99']:.2f} ms | {b['max']:.2f} ms | (not the goal's load) |")
+        everysec = run.load("load-paid-everysec.json")
+        if everysec:
+            e = everysec["voucherRttMs"]
+            out.append(f"| steady, Redis `appendfsync everysec` (an fsync a second, not before each answer: not as shipped) | {everysec['vouchersPerSec']:,.0f} | {e['p50']:.2f} ms | {e['p99']:.2f} ms | {e['max']:.2f} ms | (the reference: the p99 as shipped is {rtt['p99'] / e['p99']:.2f}x this) |")
         out.append("")
+        stalls = paid.get("redisFsyncStalls")
+        if stalls:
+            out.append(f"What the disk adds, from Redis's own latency monitor during the steady run's hold: "
+                       f"{stalls['secondsWithOne']} of its {stalls['holdSecs']:.0f} seconds had an fsync of the "
+                       f"AOF that took {stalls['thresholdMs']} ms or more (the longest {stalls['maxMs']} ms). "
+                       "With `appendfsync always` Redis answers nothing until its fsync returns, so every "
+                       "voucher that arrives during a stall waits for it: the tail is these stalls (the "
+                       "reference row above does not wait for them).\n")
         server = paid.get("serverVoucherMs") or {}
         if server.get("step"):
             out.append("The server's share, from its `/metrics` histograms (means, and the bucket the 99th "
