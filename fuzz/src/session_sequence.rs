@@ -900,10 +900,12 @@ impl World<'_> {
                     Err(StoreError::Unavailable(_) | StoreError::Corrupt { .. })
                 );
                 let was_open = live.session.is_open();
-                let mut effects = live.session.persisted(result, now);
+                let mut effects = live.session.persisted(&v, result, now);
                 // The answer for a voucher no longer in flight (a resume in place dropped it) is
                 // ignored by the session, which says nothing then: it neither pauses nor resumes
-                // delivery for it (found by this target: the model paused on such an answer).
+                // delivery for it (found by this target: the model paused on such an answer),
+                // even when another voucher is in flight by then (found by this target too: the
+                // session took the answer for that one and acknowledged it unstored).
                 let handled = !effects.is_empty();
                 if !was_open && live.session.is_open() && self.input.below(16) == 0 {
                     // The server could not write the new session's record: the opening is

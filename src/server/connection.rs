@@ -496,7 +496,7 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     let now = self.state.now();
                     if let Some(session) = self.session.as_mut() {
                         let opening = !session.is_open();
-                        let mut more = session.persisted(result, now);
+                        let mut more = session.persisted(&voucher, result, now);
                         if opening && self.session.as_ref().is_some_and(Session::is_open) {
                             // The session's record, before the client gets its token: without
                             // it the token would resume nothing (or an older session), so the

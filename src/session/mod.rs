@@ -676,10 +676,24 @@ impl Session {
         }
     }
 
-    /// The store answered a [`Effect::Persist`].
-    pub fn persisted(&mut self, result: Result<(), StoreError>, now: Nanos) -> Vec<Effect> {
-        let Some(InFlight::Storing(voucher)) = self.in_flight.take().map(|b| *b) else {
-            return Vec::new();
+    /// The store answered the [`Effect::Persist`] of `stored`. An answer for a voucher that is
+    /// not the one being stored (one a `suspend` dropped, answered after another took its
+    /// place) is ignored: it says nothing of the voucher in flight, which is never
+    /// acknowledged, nor its credit used, on another write's word.
+    pub fn persisted(
+        &mut self,
+        stored: &StoredVoucher,
+        result: Result<(), StoreError>,
+        now: Nanos,
+    ) -> Vec<Effect> {
+        let voucher = match self.in_flight.take().map(|b| *b) {
+            Some(InFlight::Storing(voucher)) if stored_voucher(voucher.signed()) == *stored => {
+                voucher
+            }
+            other => {
+                self.in_flight = other.map(Box::new);
+                return Vec::new();
+            }
         };
         match result {
             Ok(()) => {
