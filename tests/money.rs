@@ -466,3 +466,76 @@ async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
     };
     assert_eq!((seq, reason.as_str()), (Some(19), "max_tokens"));
 }
+
+/// Found in review: the watcher told one event from another by its block, channel and kind, so
+/// a second top-up of a channel in the same block was taken for a repeat and dropped. The live
+/// session kept the deposit after the first, and refused a voucher the second one covered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_top_ups_in_one_block_both_raise_the_live_session_deposit() {
+    let mut options = per_token();
+    options.limits = Box::new(|l| l.watch_interval_ms = 100);
+    let stack = Stack::start(options).await;
+    let id = stack.open_channel(payee(), 1, 10).await;
+    let mut c = stack.client(id).await;
+    c.opened(1, 10).await;
+    c.send(&ClientMessage::Request {
+        body: serde_json::json!({ "maxTokens": 20 }),
+    })
+    .await;
+    c.recv_until(|m| matches!(m, ServerMessage::Paused { .. }))
+        .await;
+    // Two top-ups of 100 in one block, from two senders (anyone may top up a channel).
+    stack
+        .anvil
+        .rpc("evm_setAutomine", serde_json::json!([false]))
+        .await;
+    let other = paystream::chain::Channels::at(
+        paystream::chain::rpc::RpcBackend::connect(&stack.anvil.url, common::anvil::dev_signer(3))
+            .await
+            .unwrap(),
+        stack.payer.address(),
+    );
+    let (first, second) = (stack.payer.clone(), other);
+    let first = tokio::spawn(async move {
+        first
+            .top_up(id, alloy::primitives::Address::ZERO, 100)
+            .await
+    });
+    let second = tokio::spawn(async move {
+        second
+            .top_up(id, alloy::primitives::Address::ZERO, 100)
+            .await
+    });
+    loop {
+        let pool = stack
+            .anvil
+            .rpc("txpool_status", serde_json::json!([]))
+            .await;
+        if pool["pending"] == "0x2" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    stack
+        .anvil
+        .rpc("evm_setAutomine", serde_json::json!([true]))
+        .await;
+    stack.anvil.rpc("evm_mine", serde_json::json!([])).await;
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(stack.read_channel(id).await.deposit, 210);
+    c.recv_until(|m| matches!(m, ServerMessage::NeedVoucher { .. }))
+        .await;
+    // 150 is within the deposit only with both top-ups.
+    c.send(&ClientMessage::Voucher(c.voucher(2, 150))).await;
+    let seen = c
+        .recv_until(|m| matches!(m, ServerMessage::VoucherAck { .. }) || code_of(m).is_some())
+        .await;
+    assert!(
+        matches!(
+            seen.last(),
+            Some(ServerMessage::VoucherAck { nonce: 2, .. })
+        ),
+        "{seen:?}"
+    );
+}

@@ -26,7 +26,6 @@ pub const DEFAULT_LOG_RANGE_BLOCKS: u64 = 500;
 /// a second of its block, far inside the hour a channel's withdrawal delay gives.
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 1_000;
 
-/// The update a session sees for an event.
 /// What a live session must hear of an event (nothing, for a channel's opening or a claim paid).
 fn update_of(event: &ChannelEvent) -> Option<ChainUpdate> {
     match event {
@@ -42,7 +41,7 @@ fn update_of(event: &ChannelEvent) -> Option<ChainUpdate> {
 /// twice change nothing). Only the events that change a channel are read again: an `Opened`
 /// missed would only cost its channel's first `open` a read of the node, and on a busy chain
 /// `Opened` logs are most of the logs (10,000 channels opened in a few blocks made every poll
-/// parse several megabytes, nine polls over, while the sessions were being set up).
+/// parse several megabytes, in nine polls, while the sessions were being set up).
 const REORG_BLOCKS: u64 = 8;
 
 /// Events remembered so that one read twice (the reorg window) is counted once.
@@ -52,17 +51,20 @@ const SEEN_EVENTS: usize = 4_096;
 /// their `Opened` event again, only from the node.
 const TOUCHED_CHANNELS: usize = 65_536;
 
-/// What an event is, for telling a repeat from a new one.
-fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, u8) {
-    let kind = match event {
-        ChannelEvent::ToppedUp { .. } => 0,
-        ChannelEvent::WithdrawRequested(_) => 1,
-        ChannelEvent::Withdrawn { .. } => 2,
-        ChannelEvent::Closed { .. } => 3,
-        ChannelEvent::Opened(_) => 4,
-        ChannelEvent::Settled { .. } => 5,
+/// What an event is, for telling a repeat from a new one. A top-up is told by the deposit
+/// after it too: two top-ups of a channel in one block are two events (taken for one, the
+/// second was dropped and the live session kept the lower deposit). Any other event twice in
+/// a block changes nothing more than once.
+fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, u8, u128) {
+    let (kind, detail) = match event {
+        ChannelEvent::ToppedUp { deposit, .. } => (0, *deposit),
+        ChannelEvent::WithdrawRequested(_) => (1, 0),
+        ChannelEvent::Withdrawn { .. } => (2, 0),
+        ChannelEvent::Closed { .. } => (3, 0),
+        ChannelEvent::Opened(_) => (4, 0),
+        ChannelEvent::Settled { .. } => (5, 0),
     };
-    (block, event.channel_id(), kind)
+    (block, event.channel_id(), kind, detail)
 }
 
 /// Reads the contract's channel events from block `start` (the latest block when the server
@@ -97,7 +99,8 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
         let mut from = fresh.saturating_sub(REORG_BLOCKS);
         while from <= latest {
             let (last, kinds) = if from < fresh {
-                (fresh - 1, Events::Changes)
+                // (A node behind the cursor is asked for no block past its head.)
+                (latest.min(fresh - 1), Events::Changes)
             } else {
                 (latest, Events::All)
             };
