@@ -460,16 +460,17 @@ check, the fenced write to Redis and both ways over loopback, over
         everysec = run.load("load-paid-everysec.json")
         if everysec:
             e = everysec["voucherRttMs"]
-            out.append(f"| steady, Redis `appendfsync everysec` (an fsync a second, not before each answer: not as shipped) | {everysec['vouchersPerSec']:,.0f} | {e['p50']:.2f} ms | {e['p99']:.2f} ms | {e['max']:.2f} ms | (the reference: the p99 as shipped is {rtt['p99'] / e['p99']:.2f}x this) |")
+            out.append(f"| steady, Redis `appendfsync everysec` (an fsync a second, not before each answer: not as shipped) | {everysec['vouchersPerSec']:,.0f} | {e['p50']:.2f} ms | {e['p99']:.2f} ms | {e['max']:.2f} ms | (the reference: the p99 as shipped is {rtt['p99'] / e['p99'] if e['p99'] else float('nan'):.2f}x this) |")
         out.append("")
         stalls = paid.get("redisFsyncStalls")
         if stalls:
             out.append(f"What the disk adds, from Redis's own latency monitor during the steady run's hold: "
                        f"{stalls['secondsWithOne']} of its {stalls['holdSecs']:.0f} seconds had an fsync of the "
-                       f"AOF that took {stalls['thresholdMs']} ms or more (the longest {stalls['maxMs']} ms). "
-                       "With `appendfsync always` Redis answers nothing until its fsync returns, so every "
-                       "voucher that arrives during a stall waits for it: the tail is these stalls (the "
-                       "reference row above does not wait for them).\n")
+                       f"AOF that took {stalls['thresholdMs']} ms or more"
+                       + (f" (the longest {stalls['maxMs']} ms)" if stalls['secondsWithOne'] else "")
+                       + ". With `appendfsync always` Redis answers nothing until its fsync returns, so "
+                       "every voucher that arrives during a stall waits for it (the reference row above "
+                       "does not).\n")
         server = paid.get("serverVoucherMs") or {}
         if server.get("step"):
             out.append("The server's share, from its `/metrics` histograms (means, and the bucket the 99th "

@@ -89,7 +89,7 @@ kind = "token_generator"
     let body = http_get(port, "/healthz").await;
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     compose_healthcheck_passes(port);
-    // Transparent huge pages are off for the server (they made its idle memory 35 MiB, not 15).
+    // Transparent huge pages are off for the server (they made its idle memory 35 MiB, not 18).
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
     if let Some(thp) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
         assert_eq!(thp.split_whitespace().nth(1), Some("0"), "{thp}");

@@ -321,19 +321,17 @@ impl<B: Backend> ChannelChain for Channels<B> {
         to: u64,
         events: Events,
     ) -> Result<Vec<(ChannelEvent, u64)>> {
-        let topics = [
+        let mut topics = vec![
             pc::Settled::SIGNATURE_HASH,
             pc::ToppedUp::SIGNATURE_HASH,
             pc::WithdrawRequested::SIGNATURE_HASH,
             pc::Withdrawn::SIGNATURE_HASH,
             pc::ClosedCooperatively::SIGNATURE_HASH,
-            pc::Opened::SIGNATURE_HASH,
         ];
-        let topics = match events {
-            Events::All => &topics[..],
-            Events::Changes => &topics[..5],
-        };
-        let logs = self.backend.logs(self.address, topics, from, to).await?;
+        if events == Events::All {
+            topics.push(pc::Opened::SIGNATURE_HASH);
+        }
+        let logs = self.backend.logs(self.address, &topics, from, to).await?;
         let mut out = Vec::new();
         // Only the contract's own events count (a token could emit look-alikes).
         for l in logs.iter().filter(|l| l.log.address == self.address) {

@@ -148,6 +148,14 @@ fn distribution_ms(samples: &mut [u32]) -> Vec<[f64; 2]> {
 }
 
 /// The resident memory of `pid`, KiB (Linux).
+/// Seconds since the Unix epoch (to match the hold with other tools' records, such as Redis's
+/// latency monitor).
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -649,6 +657,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 
     // The hold: progress every second.
     let hold_started = Instant::now();
+    let hold_started_unix = unix_secs();
     let cpu_before = args.server_pid.and_then(cpu_secs);
     let (m0, v0) = (
         stats.messages.load(Ordering::Relaxed),
@@ -674,6 +683,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         last = (m, v, Instant::now());
     }
     let hold = hold_started.elapsed().as_secs_f64();
+    let hold_ended_unix = unix_secs();
     let rss_after = args.server_pid.and_then(rss_kib);
     let cpu_share = match (cpu_before, args.server_pid.and_then(cpu_secs)) {
         (Some(b), Some(a)) => Some((a - b) / hold.max(1e-9)),
@@ -729,6 +739,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         "loadCpuMsPerSetup": load_setup_cpu_ms,
         "setupMs": { "p50": quantile_ms(&mut setups, 0.5), "p99": quantile_ms(&mut setups, 0.99), "max": quantile_ms(&mut setups, 1.0) },
         "holdSecs": hold,
+        "holdUnixSecs": [hold_started_unix, hold_ended_unix],
         "messagesPerSec": messages as f64 / hold.max(1e-9),
         "vouchersPerSec": vouchers as f64 / hold.max(1e-9),
         "voucherRttMs": { "p50": quantile_ms(&mut rtts, 0.5), "p99": quantile_ms(&mut rtts, 0.99), "max": quantile_ms(&mut rtts, 1.0) },
