@@ -506,6 +506,8 @@ async fn two_top_ups_in_one_block_both_raise_the_live_session_deposit() {
             .top_up(id, alloy::primitives::Address::ZERO, 100)
             .await
     });
+    // Both in the pool before the block is mined (polled, within a bound).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let pool = stack
             .anvil
@@ -514,7 +516,11 @@ async fn two_top_ups_in_one_block_both_raise_the_live_session_deposit() {
         if pool["pending"] == "0x2" {
             break;
         }
-        tokio::task::yield_now().await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the top-ups never reached the pool: {pool}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     stack
         .anvil

@@ -884,7 +884,7 @@ impl World<'_> {
                 let Some(live) = self.live.as_mut() else {
                     return;
                 };
-                let effects = live.session.verified(result);
+                let effects = live.session.verified(&voucher, result);
                 self.apply(effects, Origin::Other);
             }
             Pending::Verify(other) => unreachable!("{other:?}"),
@@ -901,11 +901,10 @@ impl World<'_> {
                 );
                 let was_open = live.session.is_open();
                 let mut effects = live.session.persisted(&v, result, now);
-                // The answer for a voucher no longer in flight (a resume in place dropped it) is
-                // ignored by the session, which says nothing then: it neither pauses nor resumes
-                // delivery for it (found by this target: the model paused on such an answer),
-                // even when another voucher is in flight by then (found by this target too: the
-                // session took the answer for that one and acknowledged it unstored).
+                // The session ignores the answer for a voucher no longer in flight (a resume in
+                // place dropped it), even with another in flight by then: it says nothing, and
+                // neither pauses nor resumes delivery (found by this target twice: the model
+                // paused on such an answer; the session acknowledged the next voucher on it).
                 let handled = !effects.is_empty();
                 if !was_open && live.session.is_open() && self.input.below(16) == 0 {
                     // The server could not write the new session's record: the opening is

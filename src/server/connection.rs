@@ -471,10 +471,14 @@ impl<C: ChannelChain, S: ChannelStore + SettlementStore> Connection<C, S> {
                     voucher,
                 } => {
                     let started = std::time::Instant::now();
-                    let result = self.state.verifier.verify(domain, payer, voucher).await;
+                    let result = self
+                        .state
+                        .verifier
+                        .verify(domain, payer, voucher.clone())
+                        .await;
                     self.metrics().signature_latency.observe_since(started);
                     if let Some(session) = self.session.as_mut() {
-                        let more = session.verified(result);
+                        let more = session.verified(&voucher, result);
                         for e in more.into_iter().rev() {
                             queue.push_front(e);
                         }

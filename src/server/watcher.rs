@@ -118,15 +118,18 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
                 }
             };
             for (event, block) in &events {
-                if seen.put(identity(event, *block), ()).is_some() {
+                // Only what is read again (the changes, in the reorg window) is remembered: an
+                // `Opened` in the table would push out the changes it is there to recognise.
+                let opened = matches!(event, ChannelEvent::Opened(_));
+                if !opened && seen.put(identity(event, *block), ()).is_some() {
                     continue;
                 }
                 let channel = event.channel_id();
                 debug!(%channel, ?event, "channel event");
                 match event {
                     // A new channel as the contract holds it: its first `open` reads no node.
-                    // Not once anything else happened to it (an `Opened` read again in the
-                    // reorg window must not bring back what a later event changed).
+                    // Not once anything else happened to it (an `Opened` read again, from a
+                    // node that was behind, must not bring back what a later event changed).
                     ChannelEvent::Opened(info) => {
                         if !touched.contains(&channel) {
                             state.seed_channel(*info);

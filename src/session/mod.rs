@@ -644,10 +644,20 @@ impl Session {
         error_data(&self.channel, self.meter.consumed())
     }
 
-    /// The signature check of [`Effect::Verify`] finished.
-    pub fn verified(&mut self, result: Result<VerifiedState, ChannelError>) -> Vec<Effect> {
-        let Some(InFlight::Verifying(voucher)) = self.in_flight.take().map(|b| *b) else {
-            return Vec::new();
+    /// The signature check of the [`Effect::Verify`] of `checked` finished. An answer for a
+    /// voucher that is not the one being checked (one a `resume` dropped) is ignored.
+    pub fn verified(
+        &mut self,
+        checked: &SignedState,
+        result: Result<VerifiedState, ChannelError>,
+    ) -> Vec<Effect> {
+        let voucher = match self.in_flight.take().map(|b| *b) {
+            Some(InFlight::Verifying(voucher)) if voucher == *checked => voucher,
+            other => {
+                // An answer for a voucher no longer in flight: it says nothing of the one that is.
+                self.in_flight = other.map(Box::new);
+                return Vec::new();
+            }
         };
         let checked = result.and_then(|v| {
             if v.signed() != &voucher {
@@ -677,7 +687,7 @@ impl Session {
     }
 
     /// The store answered the [`Effect::Persist`] of `stored`. An answer for a voucher that is
-    /// not the one being stored (one a `suspend` dropped, answered after another took its
+    /// not the one being stored (one a `resume` dropped, answered after another took its
     /// place) is ignored: it says nothing of the voucher in flight, which is never
     /// acknowledged, nor its credit used, on another write's word.
     pub fn persisted(
