@@ -60,10 +60,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Turns transparent huge pages off for this process. mimalloc asks the kernel for them on its
 /// arenas, and then every 2 MiB of heap the process touches is resident whole: an idle server
-/// held 35 MiB instead of 18, its first ten sessions cost it 11.8 MiB instead of 1.8, and its memory
-/// moved by 2 MiB steps from run to run (docs/SERVER.md, "Memory of an idle session"). A server
-/// of many small sessions gains nothing from them. Pages faulted in before `main` (the first
-/// 2 MiB at most) stay as they are.
+/// held 35 MiB instead of 18, its first ten sessions cost it 11.8 MiB instead of 1.8, and its
+/// memory moved by 2 MiB steps from run to run (docs/SERVER.md, "Memory of an idle session").
+/// A server of many small sessions gains nothing from them. Pages faulted in before `main` (the
+/// first 2 MiB at most) stay as they are.
 fn without_huge_pages() {
     #[cfg(target_os = "linux")]
     {
