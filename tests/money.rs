@@ -413,11 +413,10 @@ async fn metrics_count_each_base_unit_once() {
     );
 }
 
-/// Found in review: a session that used up its deposit was told to top it up, but the top-up
-/// never resumed it (the ask for that cumulative had been spent). The watcher's `ToppedUp`
-/// now raises the deposit and the session asks again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
+/// A session on a channel of 10 base units (a token costs 1) that has asked for 20 tokens, on a
+/// server whose watcher polls every 100 ms.
+async fn twenty_tokens_on_a_deposit_of_ten()
+-> (Stack, alloy::primitives::B256, common::stack::Client) {
     let mut options = per_token();
     options.limits = Box::new(|l| l.watch_interval_ms = 100);
     let stack = Stack::start(options).await;
@@ -428,6 +427,15 @@ async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
         body: serde_json::json!({ "maxTokens": 20 }),
     })
     .await;
+    (stack, id, c)
+}
+
+/// Found in review: a session that used up its deposit was told to top it up, but the top-up
+/// never resumed it (the ask for that cumulative had been spent). The watcher's `ToppedUp`
+/// now raises the deposit and the session asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
+    let (stack, id, mut c) = twenty_tokens_on_a_deposit_of_ten().await;
     // Told to top up when the ask hits the deposit; paused when the credit is used up.
     let mut seen = c
         .recv_until(|m| code_of(m) == Some("exceeds_deposit"))
@@ -472,16 +480,7 @@ async fn a_top_up_resumes_a_session_that_ran_out_of_deposit() {
 /// session kept the deposit after the first, and refused a voucher the second one covered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_top_ups_in_one_block_both_raise_the_live_session_deposit() {
-    let mut options = per_token();
-    options.limits = Box::new(|l| l.watch_interval_ms = 100);
-    let stack = Stack::start(options).await;
-    let id = stack.open_channel(payee(), 1, 10).await;
-    let mut c = stack.client(id).await;
-    c.opened(1, 10).await;
-    c.send(&ClientMessage::Request {
-        body: serde_json::json!({ "maxTokens": 20 }),
-    })
-    .await;
+    let (stack, id, mut c) = twenty_tokens_on_a_deposit_of_ten().await;
     c.recv_until(|m| matches!(m, ServerMessage::Paused { .. }))
         .await;
     // Two top-ups of 100 in one block, from two senders (anyone may top up a channel).

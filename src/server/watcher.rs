@@ -51,20 +51,21 @@ const SEEN_EVENTS: usize = 4_096;
 /// their `Opened` event again, only from the node.
 const TOUCHED_CHANNELS: usize = 65_536;
 
-/// What an event is, for telling a repeat from a new one. A top-up is told by the deposit
-/// after it too: two top-ups of a channel in one block are two events (taken for one, the
-/// second was dropped and the live session kept the lower deposit). Any other event twice in
-/// a block changes nothing more than once.
-fn identity(event: &ChannelEvent, block: u64) -> (u64, alloy::primitives::B256, u8, u128) {
+/// What an event read again is, for telling a repeat from a new one; `None` for an `Opened`,
+/// which is not read again (kept, it would push out the changes the table is there to
+/// recognise). A top-up is told by the deposit after it too: two top-ups of a channel in one
+/// block are two events (taken for one, the second was dropped and the live session kept the
+/// lower deposit). Any other event twice in a block changes nothing more than once.
+fn identity(event: &ChannelEvent, block: u64) -> Option<(u64, alloy::primitives::B256, u8, u128)> {
     let (kind, detail) = match event {
         ChannelEvent::ToppedUp { deposit, .. } => (0, *deposit),
         ChannelEvent::WithdrawRequested(_) => (1, 0),
         ChannelEvent::Withdrawn { .. } => (2, 0),
         ChannelEvent::Closed { .. } => (3, 0),
-        ChannelEvent::Opened(_) => (4, 0),
-        ChannelEvent::Settled { .. } => (5, 0),
+        ChannelEvent::Settled { .. } => (4, 0),
+        ChannelEvent::Opened(_) => return None,
     };
-    (block, event.channel_id(), kind, detail)
+    Some((block, event.channel_id(), kind, detail))
 }
 
 /// Reads the contract's channel events from block `start` (the latest block when the server
@@ -118,10 +119,9 @@ pub async fn run<C: ChannelChain, S: ChannelStore + SettlementStore>(
                 }
             };
             for (event, block) in &events {
-                // Only what is read again (the changes, in the reorg window) is remembered: an
-                // `Opened` in the table would push out the changes it is there to recognise.
-                let opened = matches!(event, ChannelEvent::Opened(_));
-                if !opened && seen.put(identity(event, *block), ()).is_some() {
+                if let Some(id) = identity(event, *block)
+                    && seen.put(id, ()).is_some()
+                {
                     continue;
                 }
                 let channel = event.channel_id();
